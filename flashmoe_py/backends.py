@@ -1,0 +1,72 @@
+"""Backend registry and selection (DESIGN §3, §4).
+
+A backend is a function `forward(x2d, params, cfg, routing) -> MoEOutput` plus a check that says why it
+cannot run on a device. Backends are imported lazily, so importing flashmoe_py touches neither Triton
+nor CUDA. `auto` takes the first backend in the device's preference list that can run; a backend named
+explicitly that cannot run raises `BackendUnavailable` with the reason, never falls back silently.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+BACKEND_NAMES = ("reference", "triton", "fused", "cuda")
+
+
+class BackendUnavailable(RuntimeError):
+    """The named backend cannot run here; the message says why."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    module: str  # module under flashmoe_py holding `forward` and `unavailable_reason`
+    description: str
+
+
+_REGISTRY: dict[str, _Entry] = {
+    "reference": _Entry("reference", "pure PyTorch, any device"),
+}
+
+# Which backends `auto` tries, fastest first, by device type.
+_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("reference",), "cpu": ("reference",)}
+
+
+def _module(name: str):
+    return importlib.import_module(f"flashmoe_py.{_REGISTRY[name].module}")
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    """None when backend `name` can run on `device`, else a sentence saying why not."""
+    if name not in BACKEND_NAMES:
+        return f"unknown backend; choose one of {('auto',) + BACKEND_NAMES}"
+    if name not in _REGISTRY:
+        return "this build of flashmoe_py does not include it yet"
+    check = getattr(_module(name), "unavailable_reason", None)
+    return check(device) if check is not None else None
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    device = torch.device(device)
+    return [n for n in BACKEND_NAMES if unavailable_reason(n, device) is None]
+
+
+def resolve(name: str, device: torch.device | str) -> str:
+    """The concrete backend `name` stands for on `device` (`auto` resolved); raises if it cannot run."""
+    device = torch.device(device)
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
+            if unavailable_reason(candidate, device) is None:
+                return candidate
+        return "reference"
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise BackendUnavailable(f"backend={name!r} cannot run on {device}: {reason}")
+    return name
+
+
+def forward_fn(name: str) -> Callable:
+    return _module(name).moe_forward

@@ -1,0 +1,1 @@
+"""The microbenchmark: `flashmoe-bench` (cli.py) times our backends against baselines (baselines.py)."""

@@ -1,0 +1,39 @@
+"""Functional API: `moe(x, params, cfg)` validates, flattens, dispatches to a backend, restores shape."""
+
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from .config import MoEConfig
+from .records import MoEOutput, MoEParams, Routing
+from .routing import capacity_mask, compute_dtype
+from .validation import check_input, check_params, check_routing
+
+
+def moe(x: torch.Tensor, params, cfg: MoEConfig, *, backend: str = "auto", topk_ids: torch.Tensor | None = None,
+        topk_weights: torch.Tensor | None = None) -> MoEOutput:
+    """One MoE layer forward (DESIGN §2) on a single rank.
+
+    x            [..., H] fp64/fp32/bf16/fp16; any leading dims (flattened to T tokens, restored on output)
+    params       MoEParams, a dict by parameter name, or a FusedMoE layer
+    topk_ids     [T, k] integer, optional caller-supplied routing (skips the router; losses are then 0)
+    topk_weights [T, k] floating, given together with topk_ids
+    returns MoEOutput; .out has the shape and dtype of x
+    """
+    if not isinstance(cfg, MoEConfig):
+        raise TypeError(f"cfg: expected a MoEConfig, got {type(cfg).__name__}")
+    check_input(x, cfg)
+    params = MoEParams.from_mapping(params)
+    check_params(params, cfg, x, num_local_experts=cfg.num_experts)
+    name = backends.resolve(backend, x.device)
+    x2d = x.reshape(-1, cfg.hidden_size)
+    routing = None
+    if topk_ids is not None or topk_weights is not None:
+        check_routing(topk_ids, topk_weights, x2d.shape[0], cfg, x)
+        ids = topk_ids.long()
+        weights = topk_weights.to(compute_dtype(x))
+        routing = Routing(ids, weights, capacity_mask(ids, weights, cfg))
+    result = backends.forward_fn(name)(x2d, params, cfg, routing)
+    result.out = result.out.view(x.shape)
+    return result

@@ -1,0 +1,29 @@
+"""Shared fixtures: a fresh random seed per test (printed, so a failure can be replayed with
+FLASHMOE_TEST_SEED=<seed>), and the skip rule for tests that need hardware this machine lacks."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def seed() -> int:
+    s = int(os.environ.get("FLASHMOE_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    torch.manual_seed(s)
+    random.seed(s)
+    print(f"seed={s} (replay with FLASHMOE_TEST_SEED={s})")
+    return s
+
+
+def pytest_collection_modifyitems(config, items):
+    # Decided at collection from torch's own query, which makes no CUDA call when no driver is present.
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU: run `make gpu-check` on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

@@ -1,0 +1,43 @@
+"""Test inputs: random parameters in a well-conditioned range (never zeros) and their fp64 copies."""
+
+from __future__ import annotations
+
+import torch
+
+from flashmoe_py import MoEConfig, MoEParams
+
+
+def random_params(cfg: MoEConfig, dtype=torch.float64, device="cpu", num_local_experts=None) -> dict:
+    """Random tensors by DESIGN §3 names. The router is scaled up so scores are well separated (no
+    accidental near-ties between fp32 and fp64 selection); the expert bias is O(score) so it matters."""
+    h, i, e = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_experts
+    el = e if num_local_experts is None else num_local_experts
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+    p = {
+        "router_weight": rnd(e, h, scale=2.0 / h ** 0.5),
+        "w_up": rnd(el, h, cfg.up_size, scale=1.0 / h ** 0.5),
+        "w_down": rnd(el, i, h, scale=1.0 / i ** 0.5),
+    }
+    if cfg.expert_bias:
+        p["expert_bias"] = rnd(e, scale=0.1).float()
+    if cfg.bias:
+        p["b_up"] = rnd(el, cfg.up_size, scale=0.1)
+        p["b_down"] = rnd(el, h, scale=0.1)
+    if cfg.num_shared_experts:
+        p["shared_w_up"] = rnd(h, cfg.shared_up_size, scale=1.0 / h ** 0.5)
+        p["shared_w_down"] = rnd(cfg.shared_hidden_size, h, scale=1.0 / cfg.shared_hidden_size ** 0.5)
+    if cfg.shared_expert_gate:
+        p["shared_gate_weight"] = rnd(1, h, scale=1.0 / h ** 0.5)
+    return p
+
+
+def as_params(p: dict) -> MoEParams:
+    return MoEParams.from_mapping(p)
+
+
+def to_fp64_leaves(p: dict) -> dict:
+    """Detached fp64 copies that require grad (expert_bias is a buffer: no grad)."""
+    return {n: t.detach().double().requires_grad_(n != "expert_bias") for n, t in p.items()}
