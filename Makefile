@@ -3,6 +3,8 @@
 #   VENV_ARGS   extra `python -m venv` flags (gpu-check uses --system-site-packages to see the image's torch)
 #   TORCH_SPEC  the torch installed when the venv has none (the CPU build on disk here)
 #   PIP_DEPS    --no-deps on machines without a package registry (gpu-check)
+# `make compile-check` compiles every Triton kernel for sm_90 and sm_80 without a GPU (part of `make test`);
+# `make gpu-check` is for a GPU machine with torch + triton preinstalled and no network: gpu tests + benchmark.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +15,7 @@ PIP_DEPS ?=
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install test bench lint clean
+.PHONY: install test bench lint clean compile-check gpu-check gpu-check-run
 
 $(INSTALLED): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
@@ -24,8 +26,26 @@ $(INSTALLED): pyproject.toml setup.py $(wildcard csrc/*)
 
 install: $(INSTALLED)
 
-test: $(INSTALLED)
+test: $(INSTALLED) compile-check
 	$(PY) -m pytest -q
+
+compile-check: $(INSTALLED)
+	$(PY) -m flashmoe_py.triton_compile_check
+
+RESULTS := bench/results/gpu-check-$(shell date +%Y%m%d-%H%M%S)
+gpu-check:
+	$(MAKE) VENV=.venv-gpu VENV_ARGS=--system-site-packages PIP_DEPS=--no-deps gpu-check-run
+
+# The interpreter-marked tests run natively on the GPU there; the benchmark runs even if a test fails,
+# and the target fails if either did. Everything lands in bench/results/gpu-check-<date>-*.
+gpu-check-run: $(INSTALLED)
+	mkdir -p bench/results
+	$(PY) -c "import torch, triton; print(torch.cuda.get_device_name(), '| torch', torch.__version__, \
+		'| triton', triton.__version__)" > $(RESULTS)-device.txt
+	cat $(RESULTS)-device.txt
+	$(PY) -m pytest -q -m "gpu or interpreter" > $(RESULTS)-tests.txt 2>&1; s=$$?; cat $(RESULTS)-tests.txt; \
+	$(VENV)/bin/flashmoe-bench > $(RESULTS)-bench.txt 2>&1; b=$$?; cat $(RESULTS)-bench.txt; \
+	test $$s -eq 0 && test $$b -eq 0
 
 bench: $(INSTALLED)
 	$(VENV)/bin/flashmoe-bench

@@ -29,10 +29,11 @@ class _Entry:
 
 _REGISTRY: dict[str, _Entry] = {
     "reference": _Entry("reference", "pure PyTorch, any device"),
+    "triton": _Entry("triton_backend", "Triton kernels; CUDA, or CPU under TRITON_INTERPRET=1"),
 }
 
 # Which backends `auto` tries, fastest first, by device type.
-_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("reference",), "cpu": ("reference",)}
+_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton", "reference"), "cpu": ("reference",)}
 
 
 def _module(name: str):

@@ -78,6 +78,12 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, expert_bias: torch.Tenso
     logits = router_logits(x, router_weight)
     scores = scores_from_logits(logits, cfg.score_func)
     topk_ids = select_experts(scores, cfg, expert_bias)
+    weights = weights_from_scores(scores, topk_ids, cfg)
+    return Routing(topk_ids, weights, capacity_mask(topk_ids, weights, cfg), logits, scores)
+
+
+def weights_from_scores(scores: torch.Tensor, topk_ids: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
+    """scores [T, E], topk_ids [T, k] -> routing weights [T, k] (DESIGN §2.3), differentiable w.r.t. scores."""
     weights = scores.gather(1, topk_ids)
     if cfg.renormalize and cfg.top_k == 1:
         # s/s is exactly 1 (NaN stays NaN), and its true gradient is 0; autograd's 1/s - s/s^2 would
@@ -87,12 +93,15 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, expert_bias: torch.Tenso
         weights = weights / weights.sum(dim=-1, keepdim=True)
     if cfg.routed_scaling_factor != 1.0:
         weights = weights * cfg.routed_scaling_factor
-    return Routing(topk_ids, weights, capacity_mask(topk_ids, weights, cfg), logits, scores)
+    return weights
 
 
-def routing_losses(routing: Routing, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def routing_losses(routing: Routing, num_experts: int,
+                   counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(lb_loss, z_loss) scalars. f_e counts the routed assignments before capacity drops.
 
+    counts [E] integer, optional: those assignments per expert when already counted on the device (a GPU
+    backend passes its own; torch.bincount would read the maximum id back to the host).
     Both are 0 with no tokens or when the caller supplied the routing (no scores to differentiate).
     """
     if routing.scores is None or routing.scores.shape[0] == 0:
@@ -100,7 +109,9 @@ def routing_losses(routing: Routing, num_experts: int) -> tuple[torch.Tensor, to
         zero = torch.zeros((), device=dev, dtype=torch.float32)
         return zero, zero.clone()
     t, k = routing.topk_ids.shape
-    f = torch.bincount(routing.topk_ids.reshape(-1), minlength=num_experts).to(routing.scores.dtype) / (t * k)
+    if counts is None:
+        counts = torch.bincount(routing.topk_ids.reshape(-1), minlength=num_experts)
+    f = counts.to(routing.scores.dtype) / (t * k)
     p = routing.scores.mean(dim=0)
     lb = num_experts * (f * p).sum()
     z = torch.logsumexp(routing.logits, dim=-1).square().mean()

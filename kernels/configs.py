@@ -1,0 +1,90 @@
+"""Launch configurations: block sizes, warps and pipeline stages per target, regime and kernel.
+
+Targets
+  sm_90        Hopper (H100/H200). GEMM tiles keep BLOCK_M a multiple of 64 and 4 or 8 warps, which is
+               what Triton needs to emit wgmma; `make compile-check` fails if a 16-bit GEMM does not.
+  sm_80        Ampere and Ada (also the table for any other CUDA part below sm_90): mma.sync tiles,
+               163 KiB of shared memory at most.
+  interpreter  TRITON_INTERPRET=1 on CPU: the smallest tiles tl.dot takes, so small test shapes still
+               span several row, column and reduction tiles (partial tiles included).
+Regimes
+  decode       few rows per expert (mean rows per expert below DECODE_ROWS_PER_EXPERT): narrow column
+               tiles and deep reductions, so many programs stream the expert weights at once.
+  prefill      prefill and training: large tiles for tensor-core throughput.
+
+GEMM entries are (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), keyed by the element size of the
+operands (2: bf16/fp16, 4: fp32 through tf32 or fp32 FMA, 8: fp64). Kernels:
+  up   grouped up projection (gated: two accumulators of BLOCK_N columns each)
+  down grouped down projection          dx  input gradient (same kernel, transposed weights)
+  dh   gradient through down projection + activation       dw  weight gradients (BLOCK_K = rows)
+
+How to regenerate on a GPU (no edits needed elsewhere): `python -m flashmoe_py.triton_tune` times every
+candidate of CANDIDATES on the benchmark shapes of both regimes with the target's current table as the
+baseline, and prints replacement rows for this file; `make compile-check` then confirms they compile
+without spills and within shared memory for both targets.
+"""
+
+DECODE_ROWS_PER_EXPERT = 16
+
+GEMM = {
+    # ---- Hopper ----
+    ("sm_90", "prefill", "up"): {2: (128, 64, 64, 8, 4), 4: (128, 64, 32, 8, 3)},
+    ("sm_90", "prefill", "down"): {2: (128, 128, 64, 8, 3), 4: (128, 64, 32, 8, 3)},
+    ("sm_90", "prefill", "dx"): {2: (128, 128, 64, 8, 3), 4: (128, 64, 32, 8, 3)},
+    ("sm_90", "prefill", "dh"): {2: (128, 64, 64, 8, 3), 4: (128, 64, 32, 8, 3)},
+    ("sm_90", "prefill", "dw"): {2: (128, 128, 64, 8, 3), 4: (128, 64, 32, 8, 3)},
+    ("sm_90", "decode", "up"): {2: (64, 64, 128, 4, 3), 4: (64, 32, 64, 4, 3)},
+    ("sm_90", "decode", "down"): {2: (64, 64, 128, 4, 4), 4: (64, 64, 64, 4, 3)},
+    ("sm_90", "decode", "dx"): {2: (64, 64, 128, 4, 4), 4: (64, 64, 64, 4, 3)},
+    ("sm_90", "decode", "dh"): {2: (64, 64, 128, 4, 3), 4: (64, 32, 64, 4, 3)},
+    ("sm_90", "decode", "dw"): {2: (64, 64, 64, 4, 3), 4: (64, 64, 32, 4, 3)},
+    # ---- Ampere / Ada ----
+    ("sm_80", "prefill", "up"): {2: (128, 64, 32, 8, 4), 4: (64, 64, 32, 4, 3)},
+    ("sm_80", "prefill", "down"): {2: (128, 64, 32, 4, 4), 4: (64, 64, 32, 4, 3)},
+    ("sm_80", "prefill", "dx"): {2: (128, 64, 32, 4, 4), 4: (64, 64, 32, 4, 3)},
+    ("sm_80", "prefill", "dh"): {2: (128, 64, 32, 8, 4), 4: (64, 64, 32, 4, 3)},
+    ("sm_80", "prefill", "dw"): {2: (128, 128, 32, 8, 3), 4: (64, 64, 32, 4, 3)},
+    ("sm_80", "decode", "up"): {2: (16, 64, 128, 4, 3), 4: (16, 64, 64, 4, 3)},
+    ("sm_80", "decode", "down"): {2: (16, 64, 128, 4, 3), 4: (16, 64, 64, 4, 3)},
+    ("sm_80", "decode", "dx"): {2: (16, 64, 128, 4, 3), 4: (16, 64, 64, 4, 3)},
+    ("sm_80", "decode", "dh"): {2: (16, 64, 128, 4, 3), 4: (16, 64, 64, 4, 3)},
+    ("sm_80", "decode", "dw"): {2: (64, 64, 64, 4, 3), 4: (64, 64, 32, 4, 3)},
+}
+# fp64 (tests and fp64 layers): modest tiles on every target, mma.sync's f64 shape.
+GEMM_FP64 = (32, 32, 16, 4, 2)
+GEMM_INTERPRETER = (16, 16, 16, 1, 1)
+
+# The other kernels: block sizes by target. route's BLOCK_T shrinks as E grows (see `route_block_t`).
+AUX = {
+    "sm_90": {"sort": 1024, "count": 1024, "capacity": (64, 64), "combine": (16, 128), "route_elems": 2048},
+    "sm_80": {"sort": 1024, "count": 1024, "capacity": (64, 64), "combine": (16, 128), "route_elems": 2048},
+    "interpreter": {"sort": 32, "count": 32, "capacity": (16, 16), "combine": (16, 16), "route_elems": 128},
+}
+AUX_WARPS = 4
+
+# Candidates the tuner tries for each GEMM kernel on each target (16-bit operands; fp32 halves BLOCK_K).
+CANDIDATES = {
+    "sm_90": [(bm, bn, bk, w, s) for bm in (64, 128) for bn in (64, 128) for bk in (64, 128)
+              for w in (4, 8) for s in (3, 4)],
+    "sm_80": [(bm, bn, bk, w, s) for bm in (16, 64, 128) for bn in (64, 128) for bk in (32, 64)
+              for w in (4, 8) for s in (3, 4)],
+}
+
+
+def regime(rows: int, num_experts: int) -> str:
+    """'decode' when the mean rows per expert is small, else 'prefill'. rows = T * k (an upper bound)."""
+    return "decode" if rows < DECODE_ROWS_PER_EXPERT * num_experts else "prefill"
+
+
+def gemm_config(target: str, regime_name: str, kernel: str, itemsize: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for one GEMM launch."""
+    if target == "interpreter":
+        return GEMM_INTERPRETER
+    if itemsize == 8:
+        return GEMM_FP64
+    return GEMM[(target, regime_name, kernel)][itemsize]
+
+
+def route_block_t(target: str, e_pad: int) -> int:
+    """Tokens per routing program: about AUX[target]['route_elems'] scores per program, at least one."""
+    return max(1, min(64, AUX[target]["route_elems"] // e_pad))
