@@ -123,8 +123,12 @@ def _run(launch: Launch) -> None:
     if _RECORDER is not None:
         _RECORDER.launches.append(launch)
         return
-    launch.kernel[launch.grid](**launch.args, **launch.constexprs, num_warps=launch.num_warps,
-                               num_stages=launch.num_stages)
+    device = next(v.device for v in launch.args.values() if isinstance(v, torch.Tensor))
+    # Triton launches on the current CUDA device; make it the tensors' one (a no-op on one GPU).
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        launch.kernel[launch.grid](**launch.args, **launch.constexprs, num_warps=launch.num_warps,
+                                   num_stages=launch.num_stages)
 
 
 @functools.lru_cache(maxsize=None)

@@ -21,7 +21,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
+
+# Triton 3.9 warns on every compile that its fp-fusion default will change; the gate compiles with the
+# default the runtime uses, so the warning is only noise here.
+warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
 
 ARCHS = {"sm_90": 90, "sm_80": 80}
 SHARED_LIMIT = {"sm_90": 227 * 1024, "sm_80": 163 * 1024}

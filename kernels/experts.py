@@ -8,7 +8,7 @@ gathered copy of x is ever made. Without GATHER the rows are already grouped (th
 
   up_kernel          pre = x[rows] @ w_up[e] + b_up[e];  h = act(gate) * up  or  act(pre)
   rows_gemm_kernel   out = (a[rows] @ B[e] + bias[e]) * weight[row], stored by row or added to its token
-  act_grad_kernel    dh = g[token] @ w_down[e]^T; routing-weight gradient <dh, h>; dpre = dact(dh * weight)
+  act_grad_kernel    u = g[token] @ w_down[e]^T; weight gradient <u, h> + <g, b_down>; dpre = dact(u * weight)
   weight_grad_kernel dW[e] = A[rows]^T @ B[rows] (optionally gathered / scaled), db[e] = column sums of B
 
 Accumulation is fp32 (fp64 for fp64 inputs); outputs are rounded once, when stored. UPCAST (set by the

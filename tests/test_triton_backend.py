@@ -176,6 +176,25 @@ def test_routing_metadata_exact(name, seed):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("groups", [1, 4])
+def test_topk_ties_go_to_the_lower_expert_and_group(groups, seed):
+    # Experts 2j and 2j+1 share a router row, so their scores tie exactly (and so do groups 2g, 2g+1 with
+    # groups): the route kernel must pick the lower id, as the reference's stable sort does.
+    cfg = fm.MoEConfig(hidden_size=8, ffn_hidden_size=4, num_experts=8, top_k=3, num_expert_groups=groups,
+                       topk_groups=2 if groups > 1 else 1)
+    params, x, _ = _inputs(cfg, torch.float32, num_tokens=19)
+    w = params["router_weight"]
+    w[1::2] = w[0::2]
+    if groups > 1:
+        w[4:6], w[6:8] = w[0:2], w[2:4]
+    ref = route(x, w, None, cfg)
+    ids, _, _, _ = triton_backend._route_op(ref.logits.contiguous(), None, cfg.top_k, cfg.score_func,
+                                           cfg.renormalize, 1.0, cfg.num_expert_groups, cfg.topk_groups)
+    assert torch.equal(ids, ref.topk_ids)
+    assert (ids[:, 0] % 2 == 0).all(), "the first choice of a tied pair must be its even (lower) expert"
+
+
+@pytest.mark.interpreter
 def test_capacity_ties_keep_lower_token_index(seed):
     # k=1 with renormalisation: every weight is exactly 1.0, so capacity ranks by token index alone.
     cfg = fm.MoEConfig(hidden_size=8, ffn_hidden_size=4, num_experts=4, top_k=1, capacity_factor=0.5)
