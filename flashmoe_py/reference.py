@@ -88,6 +88,8 @@ def routed_experts(x: torch.Tensor, order: ExpertOrder, weights: torch.Tensor, p
                    cfg: MoEConfig) -> torch.Tensor:
     """x [T, H]; weights [T, k] compute dtype -> routed output [T, H] in the compute dtype."""
     k = cfg.top_k
+    if x.shape[0] == 0:  # empty, but still part of x's graph so backward works like any PyTorch op
+        return x.to(weights.dtype) * 0
     if use_grouped_mm(x, params.w_up, params.w_down):
         y_rows = expert_ffn(x[order.order // k], order.counts, params, cfg.activation)
         return combine(y_rows, order, weights, cfg.deterministic)

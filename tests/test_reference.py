@@ -132,9 +132,11 @@ def test_gradcheck_small_fp64(seed):
 
 # ----- edge cases: each says what it exercises -----
 
-def test_zero_tokens_gives_empty_output(seed):
-    # T = 0: empty output of the right shape, zero losses, no crash in sort/bincount/cat.
-    cfg = fm.MoEConfig(**CONFIGS["deepseek"])
+@pytest.mark.parametrize("name", ["deepseek", "mixtral"])
+def test_zero_tokens_gives_empty_output(name, seed):
+    # T = 0: empty output of the right shape, zero losses, no crash in sort/bincount/cat, and a backward
+    # that works with and without a shared expert (the routed part alone must stay in x's graph).
+    cfg = fm.MoEConfig(**CONFIGS[name])
     x = torch.randn(0, cfg.hidden_size, dtype=torch.float64, requires_grad=True)
     r = fm.moe(x, random_params(cfg), cfg)
     assert r.out.shape == (0, cfg.hidden_size)
