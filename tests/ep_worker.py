@@ -273,6 +273,36 @@ def peer_skips_forward(ctx: Ctx):
     return {}
 
 
+@scenario
+def construction_errors(ctx: Ctx):
+    # bad expert-parallel arguments fail at construction with the argument named (DESIGN §9)
+    from flashmoe_py.dist import TransportUnavailable
+    bad = [
+        (dict(num_experts=7), {}, ValueError, "divisible by the expert-parallel world size"),
+        (dict(num_experts=8), dict(transport="nvshmem"), TransportUnavailable, "needs CUDA"),
+        (dict(num_experts=8), dict(transport="carrier-pigeon"), TransportUnavailable, "unknown transport"),
+        (dict(num_experts=8), dict(max_tokens_per_rank=0), ValueError, "max_tokens_per_rank"),
+        (dict(num_experts=8), dict(timeout_s=-1.0), ValueError, "timeout_s"),
+    ]
+    for cfg_kw, kw, err, text in bad:
+        cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=I, top_k=2, **cfg_kw)
+        try:
+            fm.FusedMoE(cfg, process_group=ctx.group, **{"transport": ctx.transport, **kw})
+        except err as e:
+            assert text in str(e), f"{kw or cfg_kw}: message {e!r} does not say {text!r}"
+        else:
+            raise AssertionError(f"{kw or cfg_kw}: no {err.__name__}")
+    layer = fm.FusedMoE(fm.MoEConfig(hidden_size=H, ffn_hidden_size=I, num_experts=8, top_k=2),
+                        process_group=ctx.group, transport=ctx.transport)
+    shapes = {n: tuple(p.shape) for n, p in layer.named_parameters()}
+    el = 8 // ctx.world
+    assert shapes == {"router_weight": (8, H), "w_up": (el, H, 2 * I), "w_down": (el, I, H)}, shapes
+    gathered = [torch.empty_like(layer.router_weight) for _ in range(ctx.world)]
+    dist.all_gather(gathered, layer.router_weight.detach(), group=ctx.group)
+    assert all(torch.equal(g, gathered[0]) for g in gathered), "the router is not replicated across ranks"
+    return {}
+
+
 def _rank_main(rank: int, args) -> None:
     world = args.world
     dist.init_process_group("gloo", init_method=f"file://{args.store}", rank=rank, world_size=world,
