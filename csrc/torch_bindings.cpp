@@ -1,17 +1,17 @@
 // The one file of flashmoe_py._C that includes torch: argument checks and Python bindings.
-// The torch-free cores live beside it (signal.cpp; ep_device.cu where CUDA is built).
+// The torch-free cores live beside it (ep_signal.cpp; ep_device.cu where CUDA is built).
 #include <torch/extension.h>
 
 #include <cstdint>
 #include <tuple>
 
-#include "signal.h"
+#include "ep_signal.h"
 
 #ifdef FLASHMOE_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include "signal_cuda.h"
+#include "ep_signal_cuda.h"
 #endif
 
 namespace {

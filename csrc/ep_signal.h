@@ -8,7 +8,7 @@
 // The GCC/Clang __atomic builtins on lock-free 8-byte words are address-free, so they order correctly
 // across processes sharing the mapping.
 //
-// Torch-free on purpose: the standalone CMake test (csrc/tests/test_signal.cpp) links it without torch,
+// Torch-free on purpose: the standalone CMake test (csrc/tests/test_ep_signal.cpp) links it without torch,
 // and csrc/torch_bindings.cpp is the only file that includes torch.
 #pragma once
 

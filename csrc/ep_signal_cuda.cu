@@ -1,4 +1,4 @@
-#include "signal_cuda.h"
+#include "ep_signal_cuda.h"
 
 #include <cuda/atomic>
 

@@ -1,4 +1,4 @@
-#include "signal.h"
+#include "ep_signal.h"
 
 #include <chrono>
 #include <thread>

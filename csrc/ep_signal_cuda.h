@@ -1,4 +1,4 @@
-// Device-side signal words of the GPU symmetric heap (nvshmem transport): the CUDA twin of signal.h.
+// Device-side signal words of the GPU symmetric heap (nvshmem transport): the CUDA twin of ep_signal.h.
 //
 // Why this is CUDA: a signal must become visible to a peer GPU only after the packet's rows, and a
 // waiter must read the rows only after it saw the signal. Torch copies give stream order on one device
