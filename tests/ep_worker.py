@@ -27,7 +27,7 @@ from flashmoe_py.dist import ExchangeTimeout, ExpertParallel, HeapOverflow
 from tests.helpers import random_params
 from tests.tolerances import assert_close
 
-H, I, E = 16, 8, 8
+H, FFN, E = 16, 8, 8  # hidden size, expert width, experts
 TIMEOUT_S = 20.0  # generous: a failing scenario makes its peers wait at most this long
 SCENARIOS: dict = {}
 ONE_SIDED = ("shm", "mpi")
@@ -131,14 +131,14 @@ def _check(ctx: Ctx, cfg, dtype, params, xs, gs, *, per_rank=False, routing=None
 @scenario
 def softmax_fp64(ctx: Ctx):
     # uneven token counts per rank; biases on the experts
-    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=I, num_experts=E, top_k=2, bias=True)
+    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2, bias=True)
     return _check(ctx, cfg, torch.float64, *_data(ctx, cfg, torch.float64, [7, 12, 3, 9], 1))
 
 
 @scenario
 def sigmoid_grouped_shared_fp32(ctx: Ctx):
     # DeepSeek-style: sigmoid scores, selection bias, group-limited top-3, scaling, gated shared expert
-    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=I, num_experts=E, top_k=3, activation="gelu",
+    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=3, activation="gelu",
                        score_func="sigmoid", expert_bias=True, num_expert_groups=4, topk_groups=2,
                        routed_scaling_factor=2.5, num_shared_experts=1, shared_expert_gate=True)
     return _check(ctx, cfg, torch.float32, *_data(ctx, cfg, torch.float32, [10, 5, 8, 6], 2))
@@ -147,7 +147,7 @@ def sigmoid_grouped_shared_fp32(ctx: Ctx):
 @scenario
 def capacity_fp64(ctx: Ctx):
     # capacity applies per rank to its own tokens: the reference runs rank by rank
-    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=I, num_experts=E, top_k=2, capacity_factor=0.6)
+    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2, capacity_factor=0.6)
     params, xs, gs = _data(ctx, cfg, torch.float64, [12, 9, 14, 7], 3)
     info = _check(ctx, cfg, torch.float64, params, xs, gs, per_rank=True)
     dropped = fm.moe(xs[ctx.rank], params, cfg, backend="reference").stats.dropped
@@ -158,7 +158,7 @@ def capacity_fp64(ctx: Ctx):
 @scenario
 def zero_tokens_shared_aux_fp64(ctx: Ctx):
     # rank 1 has no tokens; shared expert; the aux loss is that of each rank's own tokens
-    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=I, num_experts=E, top_k=2, activation="relu",
+    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2, activation="relu",
                        num_shared_experts=2, aux_loss_coef=0.01, z_loss_coef=0.001)
     params, xs, gs = _data(ctx, cfg, torch.float64, [6, 0, 9, 4], 4)
     layer = _layer(ctx, cfg, torch.float64, params)
@@ -173,7 +173,7 @@ def zero_tokens_shared_aux_fp64(ctx: Ctx):
 def caller_routing_all_to_rank0(ctx: Ctx):
     # functional API; every token routed to rank 0's experts, so the other ranks' experts get no rows;
     # rank 1 has no tokens
-    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=I, num_experts=E, top_k=2, activation="geglu")
+    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2, activation="geglu")
     params, xs, gs = _data(ctx, cfg, torch.float64, [5, 0, 7, 3], 5)
     el = ctx.el(cfg)
     ids = [torch.stack([torch.randperm(el)[:2] for _ in range(x.shape[0])]) if x.shape[0]
@@ -190,7 +190,7 @@ def caller_routing_all_to_rank0(ctx: Ctx):
 @scenario
 def bytes_exact_fp32(ctx: Ctx):
     # bytes_sent == (rows to other ranks + rows returned to other ranks) * H * itemsize + signal words
-    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=I, num_experts=E, top_k=2)
+    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2)
     params, xs, gs = _data(ctx, cfg, torch.float32, [9, 4, 11, 6], 6)
     layer = _layer(ctx, cfg, torch.float32, params)
     layer(xs[ctx.rank])
@@ -209,7 +209,7 @@ def bytes_exact_fp32(ctx: Ctx):
 @scenario
 def repeat_100(ctx: Ctx):
     # 100 forwards on one heap, token counts changing (zero included): sequence numbers, no reset
-    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=I, num_experts=E, top_k=2)
+    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2)
     params, _, _ = _data(ctx, cfg, torch.float64, [1], 7)
     layer = _layer(ctx, cfg, torch.float64, params, max_tokens_per_rank=8)
     heaps = None
@@ -235,7 +235,7 @@ def repeat_100(ctx: Ctx):
 @scenario
 def too_many_tokens(ctx: Ctx):
     # rank 0 passes more tokens than the heap holds: HeapOverflow before anything is sent
-    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=I, num_experts=E, top_k=2)
+    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2)
     layer = fm.FusedMoE(cfg, process_group=ctx.group, transport=ctx.transport, max_tokens_per_rank=4,
                         dtype=torch.float64, timeout_s=TIMEOUT_S)
     if ctx.rank == 0:
@@ -253,7 +253,7 @@ def peer_skips_forward(ctx: Ctx):
     # the last rank never sends: every other rank raises ExchangeTimeout naming it, within the timeout
     if ctx.transport not in ONE_SIDED:
         return {"skipped": "the process group's own timeout covers collectives"}
-    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=I, num_experts=E, top_k=2)
+    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2)
     timeout = 1.5
     layer = fm.FusedMoE(cfg, process_group=ctx.group, transport=ctx.transport, dtype=torch.float64,
                         max_tokens_per_rank=8, timeout_s=timeout)
@@ -285,18 +285,18 @@ def construction_errors(ctx: Ctx):
         (dict(num_experts=8), dict(timeout_s=-1.0), ValueError, "timeout_s"),
     ]
     for cfg_kw, kw, err, text in bad:
-        cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=I, top_k=2, **cfg_kw)
+        cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, top_k=2, **cfg_kw)
         try:
             fm.FusedMoE(cfg, process_group=ctx.group, **{"transport": ctx.transport, **kw})
         except err as e:
             assert text in str(e), f"{kw or cfg_kw}: message {e!r} does not say {text!r}"
         else:
             raise AssertionError(f"{kw or cfg_kw}: no {err.__name__}")
-    layer = fm.FusedMoE(fm.MoEConfig(hidden_size=H, ffn_hidden_size=I, num_experts=8, top_k=2),
+    layer = fm.FusedMoE(fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=8, top_k=2),
                         process_group=ctx.group, transport=ctx.transport)
     shapes = {n: tuple(p.shape) for n, p in layer.named_parameters()}
     el = 8 // ctx.world
-    assert shapes == {"router_weight": (8, H), "w_up": (el, H, 2 * I), "w_down": (el, I, H)}, shapes
+    assert shapes == {"router_weight": (8, H), "w_up": (el, H, 2 * FFN), "w_down": (el, FFN, H)}, shapes
     gathered = [torch.empty_like(layer.router_weight) for _ in range(ctx.world)]
     dist.all_gather(gathered, layer.router_weight.detach(), group=ctx.group)
     assert all(torch.equal(g, gathered[0]) for g in gathered), "the router is not replicated across ranks"

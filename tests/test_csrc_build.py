@@ -34,7 +34,7 @@ def test_cmake_builds_and_cross_process_signal_test_passes(tmp_path):
 
 @pytest.mark.timeout(600)
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: the CUDA compile check needs the CUDA toolkit")
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: the CUDA compile check needs it")
 def test_cuda_sources_compile_for_sm90a_with_nvshmem_headers(tmp_path):
     pytest.importorskip("nvidia.nvshmem", reason="the NVSHMEM headers come from pip install nvidia-nvshmem-cu13")
     build = tmp_path / "build"
