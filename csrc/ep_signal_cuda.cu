@@ -12,6 +12,9 @@ __device__ __forceinline__ uint64_t globaltimer_ns() {
 }
 
 __global__ void store_release_kernel(uint64_t* words, const int64_t* values, int64_t n) {
+  // The packet's rows were written by earlier kernels on this stream, which completed before this one
+  // started; the system-scope fence makes those writes visible to every observer before any signal is.
+  __threadfence_system();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     // System scope: the reader is another GPU (or the host) polling this word over NVLink/PCIe.
     cuda::atomic_ref<uint64_t, cuda::thread_scope_system> word(words[i]);

@@ -303,6 +303,48 @@ def construction_errors(ctx: Ctx):
     return {}
 
 
+@scenario
+def triton_interpreter_puts_into_peer_heap(ctx: Ctx):
+    # DESIGN §6 on this heap: device code (a Triton kernel under TRITON_INTERPRET=1) puts a packet into the
+    # next rank's segment through an int64 address cast to a pointer and release-signals it; the receiver's
+    # acquire wait sees the rows. This is how the fused kernel will use the layout.
+    if ctx.transport != "shm":
+        return {"skipped": "peer addresses exist in this process only for the shm heap"}
+    os.environ["TRITON_INTERPRET"] = "1"  # chosen when the kernel is defined below
+    import triton
+    import triton.language as tl
+
+    from flashmoe_py.dist.layout import DISPATCH, HeapLayout
+    from flashmoe_py.dist.shm import ShmHeap
+
+    @triton.jit
+    def put_packet(src_ptr, dst_address, signal_address, word, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        dst = dst_address.to(tl.pointer_type(tl.float64))
+        tl.store(dst + offs, tl.load(src_ptr + offs, mask=offs < n), mask=offs < n)
+        tl.atomic_xchg(signal_address.to(tl.pointer_type(tl.int64)), word, sem="release", scope="sys")
+
+    rows, el = 5, 2
+    lay = HeapLayout(world_size=ctx.world, num_local_experts=el, slab_rows=8, row_bytes=H * 8)
+    heap = ShmHeap(lay, ctx.group)
+    nxt, prev = (ctx.rank + 1) % ctx.world, (ctx.rank - 1) % ctx.world
+    packet = torch.randn(rows, H, dtype=torch.float64, generator=torch.Generator().manual_seed(ctx.seed + ctx.rank))
+    for e in range(el):  # one packet per expert slot; slot 1 is empty (count 0)
+        n = rows if e == 0 else 0
+        put_packet[(1,)](packet, heap.peer_address(nxt) + lay.data_offset(DISPATCH, ctx.rank),
+                         heap.peer_address(nxt) + lay.signal_offset(DISPATCH, ctx.rank, e), (1 << 32) | n, n * H,
+                         BLOCK=triton.next_power_of_2(rows * H))
+    missing, seen = heap.wait(lay.signal_offset(DISPATCH, prev), el, 1, TIMEOUT_S)
+    assert missing == -1, f"no signal from rank {prev}"
+    assert (seen & 0xFFFFFFFF).tolist() == [rows, 0], seen
+    got = heap.local(lay.data_offset(DISPATCH, prev), rows * H * 8).view(torch.float64).view(rows, H)
+    want = torch.randn(rows, H, dtype=torch.float64, generator=torch.Generator().manual_seed(ctx.seed + prev))
+    assert torch.equal(got, want), "the rows the peer's kernel put are not in this rank's slab"
+    dist.barrier()
+    heap.close()
+    return {}
+
+
 def _rank_main(rank: int, args) -> None:
     world = args.world
     dist.init_process_group("gloo", init_method=f"file://{args.store}", rank=rank, world_size=world,
