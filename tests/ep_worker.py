@@ -1,11 +1,12 @@
 """Expert-parallel scenarios run by several CPU ranks at once; tests/test_ep.py launches them and reads results.
 
-One launch per (transport, world size) runs every scenario in sequence (spawning processes is the slow
-part on 2 cores), and each rank writes `rank<r>.json`: per scenario {"ok": bool, "error": traceback,
-"info": {...}}. Every rank builds the same global parameters and every rank's tokens from the shared
-seed, runs its own part through the layer, and checks it against the single-process reference path.
+One launch per world size runs every scenario for each of its transports in sequence (spawning processes
+is the slow part on 2 cores), and each rank writes `rank<r>.json`: per "transport/scenario" {"ok": bool,
+"error": traceback, "info": {...}, "seconds": float}. Every rank builds the same global parameters and
+every rank's tokens from the shared seed, runs its own part through the layer, and checks it against the
+single-process reference path.
 
-    python -m tests.ep_worker --launcher spawn --world 2 --transport shm --seed 1 --out DIR
+    python -m tests.ep_worker --launcher spawn --world 2 --transport shm,alltoall --seed 1 --out DIR
     mpirun -np 2 python -m tests.ep_worker --launcher mpirun --transport mpi --seed 1 --out DIR
 """
 
@@ -350,18 +351,20 @@ def _rank_main(rank: int, args) -> None:
     dist.init_process_group("gloo", init_method=f"file://{args.store}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
     torch.set_num_threads(1)
-    ctx = Ctx(rank, world, args.transport, args.seed)
     names = args.scenarios.split(",") if args.scenarios else list(SCENARIOS)
     results = {}
-    for name in names:
-        start = time.monotonic()
-        try:
-            info = SCENARIOS[name](ctx)
-            results[name] = {"ok": True, "info": info}
-        except Exception:
-            results[name] = {"ok": False, "error": traceback.format_exc()}
-        results[name]["seconds"] = round(time.monotonic() - start, 3)
-        dist.barrier()
+    for transport in args.transport.split(","):  # one launch serves several transports: starting ranks is slow
+        ctx = Ctx(rank, world, transport, args.seed)
+        for name in names:
+            start = time.monotonic()
+            key = f"{transport}/{name}"
+            try:
+                info = SCENARIOS[name](ctx)
+                results[key] = {"ok": True, "info": info}
+            except Exception:
+                results[key] = {"ok": False, "error": traceback.format_exc()}
+            results[key]["seconds"] = round(time.monotonic() - start, 3)
+            dist.barrier()
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()
@@ -371,7 +374,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--launcher", choices=("spawn", "mpirun"), required=True)
     ap.add_argument("--world", type=int, default=0)
-    ap.add_argument("--transport", required=True)
+    ap.add_argument("--transport", required=True, help="comma-separated transports, run one after the other")
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--store", required=True, help="file for the gloo rendezvous (FileStore)")

@@ -1,6 +1,6 @@
 """Expert parallelism across CPU ranks (DESIGN §5): shm and alltoall with 2 and 4 ranks (spawned, gloo), mpi
-with 2 ranks (mpirun). Each (transport, world size) is one launch of tests/ep_worker.py running every
-scenario, because starting ranks is the slow part; each scenario is reported as its own test here.
+with 2 ranks (mpirun). One launch of tests/ep_worker.py per world size and launcher runs every scenario for
+each of its transports, because starting ranks is the slow part; each scenario is reported as its own test.
 
 What the scenarios check (details in tests/ep_worker.py): forward and backward equal the single-process
 reference on the concatenation of all ranks' tokens (fp64 to 1e-10, fp32 to 1e-5) for softmax and
@@ -29,7 +29,8 @@ pytestmark = pytest.mark.multiproc
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHES = [("shm", 2), ("shm", 4), ("alltoall", 2), ("alltoall", 4), ("mpi", 2)]
-LAUNCH_TIMEOUT_S = 240
+SHARED_LAUNCH = {"shm": "shm,alltoall", "alltoall": "shm,alltoall", "mpi": "mpi"}  # transports run by one launch
+LAUNCH_TIMEOUT_S = 300
 _results: dict = {}
 
 
@@ -50,14 +51,14 @@ def _skip_reason(transport: str) -> str | None:
     return None
 
 
-def _launch(transport: str, world: int, tmp: Path) -> dict:
+def _launch(transports: str, world: int, tmp: Path) -> dict:
     seed = int(os.environ.get("FLASHMOE_TEST_SEED", random.SystemRandom().randrange(2**31)))
-    out = tmp / f"{transport}-{world}"
+    out = tmp / f"{transports.replace(',', '-')}-{world}"
     out.mkdir(parents=True)
-    worker = ["-m", "tests.ep_worker", "--transport", transport, "--seed", str(seed), "--out", str(out),
+    worker = ["-m", "tests.ep_worker", "--transport", transports, "--seed", str(seed), "--out", str(out),
               "--store", str(out / "store")]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    if transport == "mpi":
+    if transports == "mpi":
         # Root in containers needs Open MPI's explicit consent; osc/ucx only adds noise on one node.
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_osc="^ucx")
         cmd = [_mpirun(), "-np", str(world), "--oversubscribe", sys.executable, *worker, "--launcher", "mpirun"]
@@ -87,16 +88,16 @@ def test_ep_scenario(transport, world, name, tmp_path_factory):
     reason = _skip_reason(transport)
     if reason:
         pytest.skip(reason)
-    key = (transport, world)
+    key = (SHARED_LAUNCH[transport], world)
     if key not in _results:
-        _results[key] = _launch(transport, world, tmp_path_factory.mktemp("ep"))
+        _results[key] = _launch(*key, tmp_path_factory.mktemp("ep"))
     res = _results[key]
     assert "failure" not in res, res.get("failure")
     print(f"seed={res['seed']} (replay with FLASHMOE_TEST_SEED={res['seed']})")
     errors = []
     for r, ranks in enumerate(res["ranks"]):
-        got = ranks.get(name)
-        assert got is not None, f"rank {r} did not run scenario {name}"
+        got = ranks.get(f"{transport}/{name}")
+        assert got is not None, f"rank {r} did not run scenario {transport}/{name}"
         if not got["ok"]:
             errors.append(f"--- rank {r}:\n{got['error']}")
         else:
