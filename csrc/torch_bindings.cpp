@@ -8,7 +8,7 @@
 #include "ep_signal.h"
 
 #ifdef FLASHMOE_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "ep_signal_cuda.h"
@@ -58,7 +58,7 @@ void cuda_store_release(int64_t address, const torch::Tensor& values) {
   TORCH_CHECK(values.dim() == 1 && values.is_contiguous(), "values: expected a contiguous 1-D tensor");
   const c10::cuda::CUDAGuard guard(values.device());
   auto err = flashmoe::launch_store_release(word_ptr(address, "cuda_store_release"), values.data_ptr<int64_t>(),
-                                            values.numel(), at::cuda::getCurrentCUDAStream());
+                                            values.numel(), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "cuda_store_release: ", cudaGetErrorString(err));
 }
 
@@ -76,7 +76,7 @@ std::tuple<torch::Tensor, torch::Tensor> cuda_wait_signals(int64_t address, int6
   auto missing = torch::empty({}, opts);
   auto err = flashmoe::launch_wait_signals(word_ptr(address, "cuda_wait_signals"), n, static_cast<uint64_t>(seq),
                                            static_cast<int64_t>(timeout_s * 1e9), seen.data_ptr<int64_t>(),
-                                           missing.data_ptr<int64_t>(), at::cuda::getCurrentCUDAStream());
+                                           missing.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "cuda_wait_signals: ", cudaGetErrorString(err));
   return {missing, seen};
 }

@@ -183,3 +183,32 @@ def test_one_gpu_rank_puts_to_itself_and_matches_reference(transport, tmp_path, 
     assert_close(y, ref, "tf32" if torch.backends.cuda.matmul.allow_tf32 else torch.float32, "out")
     assert_close(x.grad, x_ref.grad, "tf32" if torch.backends.cuda.matmul.allow_tf32 else torch.float32, "x.grad")
     assert layer.stats.bytes_sent == 0, "nothing crosses the wire with one rank"
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_nvshmem_heap_put_signal_wait_to_self(tmp_path, seed):
+    # The device-side primitives on one GPU: a put and a release signal to this rank's own segment, an
+    # acquire wait that sees them, and a wait for a sequence nobody sends that times out on its slot.
+    import torch.distributed as dist
+
+    reason = transports.unavailable_reason("nvshmem", torch.device("cuda"))
+    if reason:
+        pytest.skip(reason)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    from flashmoe_py.dist.nvshmem import NvshmemHeap
+
+    lay = HeapLayout(world_size=1, num_local_experts=3, slab_rows=16, row_bytes=32 * 4)
+    heap = NvshmemHeap(lay, dist.group.WORLD, torch.device("cuda", torch.cuda.current_device()))
+    rows = torch.randn(5, 32, device="cuda")
+    heap.put(0, lay.data_offset(DISPATCH, 0), rows)
+    heap.signal(0, lay.signal_offset(DISPATCH, 0), torch.tensor([(1 << 32) | 2, (1 << 32) | 0, (1 << 32) | 3]))
+    missing, seen = heap.wait(lay.signal_offset(DISPATCH, 0), 3, 1, 5.0)
+    assert missing == -1 and (seen & 0xFFFFFFFF).tolist() == [2, 0, 3]
+    got = heap.local(lay.data_offset(DISPATCH, 0), 5 * 32 * 4).view(torch.float32).view(5, 32)
+    assert torch.equal(got, rows)
+    start = time.monotonic()
+    missing, _ = heap.wait(lay.signal_offset(RETURN, 0), 3, 1, 0.2)
+    assert missing == 0 and time.monotonic() - start < 5.0
+    heap.close()
