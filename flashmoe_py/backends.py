@@ -71,3 +71,9 @@ def resolve(name: str, device: torch.device | str) -> str:
 
 def forward_fn(name: str) -> Callable:
     return _module(name).moe_forward
+
+
+def expert_ffn_fn(name: str) -> Callable:
+    """The backend's `expert_ffn(rows, counts, params, activation)`: local experts on rows grouped by
+    expert (what expert parallelism runs on the rows it receives)."""
+    return _module(name).expert_ffn

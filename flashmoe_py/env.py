@@ -1,21 +1,27 @@
-"""Every environment variable flashmoe_py reads at run time, in one place (build switches live in setup.py).
+"""Every environment variable flashmoe_py reads at run time, read here and nowhere else.
 
-TRITON_INTERPRET        Triton's own switch, unset by default. "1" makes `@triton.jit` produce CPU-interpreted
-                        kernels, and the `triton` backend then runs on CPU tensors (tests do this). Triton reads
-                        it when the kernels are decorated, so it must be set before `flashmoe_py.kernels` is
-                        first imported.
-FLASHMOE_DEBUG_POISON   "1": every buffer the Triton launchers allocate for a kernel to write is first filled
-                        with NaN (floats) or -2**30 (integers), so an element a kernel fails to write shows up.
-                        For tests; costs one fill per buffer. Default off.
-FLASHMOE_TRITON_TARGET  Launch-config table to use on a GPU ("sm_90", "sm_80") instead of the one picked from
-                        the device's compute capability. For tuning and comparisons. Default unset.
+| variable | default | meaning |
+|---|---|---|
+| `TRITON_INTERPRET` | unset | Triton's own switch: "1" runs `@triton.jit` kernels on CPU tensors (tests); read |
+| | | when kernels are decorated, so set it before `flashmoe_py.kernels` is first imported |
+| `FLASHMOE_DEBUG_POISON` | off | "1": Triton launchers fill every output buffer with NaN (ints: -2**30) first |
+| `FLASHMOE_TRITON_TARGET` | unset | launch-config table ("sm_90", "sm_80") instead of the device's own |
+| `FLASHMOE_EP_TIMEOUT_S` | 60 | seconds an expert-parallel exchange waits for a peer before raising `ExchangeTimeout` |
+| `FLASHMOE_EP_MAX_TOKENS` | 4096 | tokens one rank may pass to one expert-parallel forward; sizes the symmetric heap |
+| `RANK`, `WORLD_SIZE`, `LOCAL_RANK` | - | set by torchrun; read by `flashmoe_py.dist.launch.init_process_group` |
+| `MASTER_ADDR`, `MASTER_PORT` | - | torchrun's rendezvous; under mpirun, used when set (multi-node) |
+| `OMPI_COMM_WORLD_RANK`, `OMPI_COMM_WORLD_SIZE`, `OMPI_COMM_WORLD_LOCAL_RANK` | - | set by Open MPI's mpirun |
+| `PMI_RANK`, `PMI_SIZE` | - | set by MPICH / Intel MPI launchers |
 
-Values are read on every call, never cached, so tests may change them with monkeypatch.
+Build-time switches (`FLASHMOE_SKIP_EXT`, `FLASHMOE_SKIP_CUDA`, `FLASHMOE_CUDA_ARCHS`, `MAX_JOBS`) are read by
+setup.py, which runs before this package exists. Values are read on every call, never cached, so tests may
+change them with monkeypatch.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 
 def triton_interpret() -> bool:
@@ -28,3 +34,51 @@ def debug_poison() -> bool:
 
 def triton_target() -> str | None:
     return os.environ.get("FLASHMOE_TRITON_TARGET") or None
+
+
+def _positive(name: str, default: float, kind=float):
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r}: expected a {kind.__name__}") from None
+    if value <= 0:
+        raise ValueError(f"environment variable {name}={raw!r}: must be > 0")
+    return value
+
+
+def ep_timeout_s() -> float:
+    """Default wait timeout of one-sided exchanges (seconds)."""
+    return _positive("FLASHMOE_EP_TIMEOUT_S", 60.0)
+
+
+def ep_max_tokens() -> int:
+    """Default `max_tokens_per_rank` of an expert-parallel layer."""
+    return _positive("FLASHMOE_EP_MAX_TOKENS", 4096, int)
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in a torchrun or mpirun job (all None outside one)."""
+
+    launcher: str | None  # "torchrun" | "mpirun" | None
+    rank: int | None
+    world_size: int | None
+    local_rank: int | None
+    master_addr: str | None
+    master_port: str | None
+
+
+def launch_env() -> LaunchEnv:
+    get = os.environ.get
+    addr, port = get("MASTER_ADDR"), get("MASTER_PORT")
+    if get("RANK") is not None and get("WORLD_SIZE") is not None:
+        return LaunchEnv("torchrun", int(get("RANK")), int(get("WORLD_SIZE")), int(get("LOCAL_RANK", "0")), addr, port)
+    if get("OMPI_COMM_WORLD_RANK") is not None:
+        return LaunchEnv("mpirun", int(get("OMPI_COMM_WORLD_RANK")), int(get("OMPI_COMM_WORLD_SIZE")),
+                         int(get("OMPI_COMM_WORLD_LOCAL_RANK", "0")), addr, port)
+    if get("PMI_RANK") is not None:
+        return LaunchEnv("mpirun", int(get("PMI_RANK")), int(get("PMI_SIZE")), None, addr, port)
+    return LaunchEnv(None, None, None, None, addr, port)

@@ -17,7 +17,15 @@ from .records import MoEOutput, MoEParams, MoEStats
 class FusedMoE(nn.Module):
     """A Mixture-of-Experts layer: y = FusedMoE(cfg)(x), y.shape == x.shape, autograd on every backend.
 
-    Parameters (DESIGN §3; E_local = E on one rank):
+    Expert parallelism (DESIGN §5): with `process_group` (W ranks), rank r owns experts [r*E/W, (r+1)*E/W)
+    and its w_up/w_down/b_up/b_down hold only those; the router, expert_bias and shared expert are
+    replicated (broadcast from the group's rank 0 at construction). Each rank passes its own tokens (any
+    count, zero too) and gets its own outputs. `transport` picks how rows travel ("auto", "shm", "mpi",
+    "nvshmem", "alltoall"); `max_tokens_per_rank` sizes the symmetric heap (more tokens is an error);
+    `timeout_s` bounds every wait for a peer. Defaults come from FLASHMOE_EP_MAX_TOKENS and
+    FLASHMOE_EP_TIMEOUT_S (flashmoe_py/env.py). Construction and every forward/backward are collective.
+
+    Parameters (DESIGN §3; E_local = E on one rank, E/W with a process group):
       router_weight [E, H]; buffer expert_bias [E] float32 (when cfg.expert_bias)
       w_up [E_local, H, N_up], w_down [E_local, I, H]; b_up [E_local, N_up], b_down [E_local, H] (cfg.bias)
       shared_w_up [H, N_up_shared], shared_w_down [I_shared, H] (cfg.num_shared_experts > 0)
@@ -26,7 +34,8 @@ class FusedMoE(nn.Module):
     """
 
     def __init__(self, config: MoEConfig | None = None, *, backend: str = "auto", process_group=None,
-                 transport: str = "auto", device=None, dtype=None, **config_kwargs):
+                 transport: str = "auto", max_tokens_per_rank: int | None = None, timeout_s: float | None = None,
+                 device=None, dtype=None, **config_kwargs):
         super().__init__()
         if config is None:
             config = MoEConfig(**config_kwargs)
@@ -37,13 +46,20 @@ class FusedMoE(nn.Module):
             raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
         if backend != "auto" and backend not in backends.BACKEND_NAMES:
             raise ValueError(f"backend={backend!r}: choose one of {('auto',) + backends.BACKEND_NAMES}")
-        if process_group is not None:
-            raise NotImplementedError("process_group: expert parallelism is not part of this build yet")
         self.config = config
         self.backend = backend
-        self.transport = transport
         self.process_group = process_group
+        self.expert_parallel = None
         self.world_size, self.rank = 1, 0
+        if process_group is not None:
+            from .dist.expert_parallel import ExpertParallel
+            self.expert_parallel = ExpertParallel(config, process_group, transport, device=device,
+                                                  max_tokens_per_rank=max_tokens_per_rank, timeout_s=timeout_s)
+            self.world_size, self.rank = self.expert_parallel.world_size, self.expert_parallel.rank
+            transport = self.expert_parallel.transport
+        elif max_tokens_per_rank is not None or timeout_s is not None:
+            raise ValueError("max_tokens_per_rank/timeout_s: only meaningful with a process_group")
+        self.transport = transport
         self.num_local_experts = config.num_experts // self.world_size
 
         cfg, fk = config, {"device": device, "dtype": dtype}
@@ -82,6 +98,10 @@ class FusedMoE(nn.Module):
             uniform_(t, fan_in)
         if self.expert_bias is not None:
             self.expert_bias.zero_()
+        if self.expert_parallel is not None:
+            from .dist.replicate import broadcast_replicated
+            broadcast_replicated([self.router_weight, self.expert_bias, self.shared_w_up, self.shared_w_down,
+                                  self.shared_gate_weight], self.process_group)
 
     def params(self) -> MoEParams:
         return MoEParams.from_mapping(self)
@@ -90,7 +110,7 @@ class FusedMoE(nn.Module):
                 topk_weights: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., H] in the layer dtype -> [..., H]. Optional caller routing: topk_ids/topk_weights [T, k]."""
         result = moe(x, self.params(), self.config, backend=self.backend, topk_ids=topk_ids,
-                     topk_weights=topk_weights)
+                     topk_weights=topk_weights, expert_parallel=self.expert_parallel)
         self.aux_loss, self.stats, self.last_output = result.aux_loss, result.stats, result
         return result.out
 

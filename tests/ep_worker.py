@@ -1,0 +1,396 @@
+"""Expert-parallel scenarios run by several CPU ranks at once; tests/test_ep.py launches them and reads results.
+
+One launch per world size runs every scenario for each of its transports in sequence (spawning processes
+is the slow part on 2 cores), and each rank writes `rank<r>.json`: per "transport/scenario" {"ok": bool,
+"error": traceback, "info": {...}, "seconds": float}. Every rank builds the same global parameters and
+every rank's tokens from the shared seed, runs its own part through the layer, and checks it against the
+single-process reference path.
+
+    python -m tests.ep_worker --launcher spawn --world 2 --transport shm,alltoall --seed 1 --out DIR
+    mpirun -np 2 python -m tests.ep_worker --launcher mpirun --transport mpi --seed 1 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+import flashmoe_py as fm
+from flashmoe_py.dist import ExchangeTimeout, ExpertParallel, HeapOverflow
+from tests.helpers import random_params
+from tests.tolerances import assert_close
+
+H, FFN, E = 16, 8, 8  # hidden size, expert width, experts
+TIMEOUT_S = 20.0  # generous: a failing scenario makes its peers wait at most this long
+SCENARIOS: dict = {}
+ONE_SIDED = ("shm", "mpi")
+
+
+def scenario(fn):
+    SCENARIOS[fn.__name__] = fn
+    return fn
+
+
+@dataclass
+class Ctx:
+    rank: int
+    world: int
+    transport: str
+    seed: int
+
+    @property
+    def group(self):
+        return dist.group.WORLD
+
+    def el(self, cfg) -> int:
+        return cfg.num_experts // self.world
+
+    def local(self, cfg) -> slice:
+        el = self.el(cfg)
+        return slice(self.rank * el, (self.rank + 1) * el)
+
+
+def _data(ctx: Ctx, cfg, dtype, tokens: list[int], tag: int):
+    """The same global params and per-rank tokens/output-gradients on every rank."""
+    torch.manual_seed(ctx.seed * 1000 + tag)
+    params = random_params(cfg, dtype)
+    xs = [torch.randn(t, cfg.hidden_size, dtype=torch.float64).to(dtype) for t in tokens[:ctx.world]]
+    gs = [torch.randn(t, cfg.hidden_size, dtype=torch.float64).to(dtype) for t in tokens[:ctx.world]]
+    return params, xs, gs
+
+
+def _layer(ctx: Ctx, cfg, dtype, params: dict, **kw) -> fm.FusedMoE:
+    layer = fm.FusedMoE(cfg, process_group=ctx.group, transport=ctx.transport, dtype=dtype,
+                        timeout_s=kw.pop("timeout_s", TIMEOUT_S), **kw)
+    loc = ctx.local(cfg)
+    with torch.no_grad():
+        for name, t in params.items():
+            target = getattr(layer, name)
+            target.copy_(t[loc] if name in ("w_up", "w_down", "b_up", "b_down") else t)
+    return layer
+
+
+def _reference(cfg, params: dict, xs, gs, per_rank: bool, routing=None):
+    """Single-process reference: output and gradients of sum(out * g). On the concatenation of all ranks'
+    tokens, or rank by rank where capacity makes a rank's result depend on its own token count."""
+    leaves = {n: t.detach().clone().requires_grad_(n != "expert_bias") for n, t in params.items()}
+    x_leaves = [x.detach().clone().requires_grad_() for x in xs]
+    if per_rank:
+        outs = [fm.moe(x, leaves, cfg, backend="reference").out for x in x_leaves]
+    else:
+        kw = {} if routing is None else dict(topk_ids=torch.cat(routing[0]), topk_weights=torch.cat(routing[1]))
+        out = fm.moe(torch.cat(x_leaves), leaves, cfg, backend="reference", **kw).out
+        outs = list(out.split([x.shape[0] for x in xs]))
+    loss = sum((o.double() * g.double()).sum() for o, g in zip(outs, gs))
+    loss.backward()
+    return [o.detach() for o in outs], [x.grad for x in x_leaves], {n: t.grad for n, t in leaves.items()}
+
+
+def _check(ctx: Ctx, cfg, dtype, params, xs, gs, *, per_rank=False, routing=None, ep=None) -> dict:
+    """Run this rank's tokens forward + backward (layer, or functional API with `ep`) and compare."""
+    r = ctx.rank
+    x = xs[r].clone().requires_grad_()
+    if ep is None:
+        layer = _layer(ctx, cfg, dtype, params)
+        out = layer(x)
+        stats = layer.stats
+        grads_of = {n: p for n, p in layer.named_parameters()}
+    else:
+        loc = ctx.local(cfg)
+        grads_of = {n: (t[loc] if n in ("w_up", "w_down", "b_up", "b_down") else t).clone().requires_grad_()
+                    for n, t in params.items() if n != "expert_bias"}
+        p = dict(grads_of, **({"expert_bias": params["expert_bias"]} if "expert_bias" in params else {}))
+        res = fm.moe(x, p, cfg, topk_ids=routing[0][r], topk_weights=routing[1][r], expert_parallel=ep)
+        out, stats = res.out, res.stats
+    out.mul(gs[r]).sum().backward()
+    outs, xgrads, pgrads = _reference(cfg, params, xs, gs, per_rank, routing)
+    assert_close(out, outs[r], dtype, f"rank {r} out")
+    assert_close(x.grad, xgrads[r], dtype, f"rank {r} x.grad")
+    loc = ctx.local(cfg)
+    for name, p in grads_of.items():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        if pgrads[name] is None:  # e.g. the router under caller-supplied routing: no gradient anywhere
+            assert p.grad is None or not p.grad.any(), f"rank {r} {name}.grad should be zero"
+            continue
+        if name in ("w_up", "w_down", "b_up", "b_down"):
+            assert_close(g, pgrads[name][loc], dtype, f"rank {r} {name}.grad (local experts)")
+        else:  # replicated: each rank holds the gradient of its own tokens; their sum is the reference's
+            total = g.detach().clone()
+            dist.all_reduce(total, group=ctx.group)
+            assert_close(total, pgrads[name], dtype, f"rank {r} {name}.grad summed over ranks")
+    return {"bytes_sent": stats.bytes_sent, "rows_per_peer": stats.rows_per_peer.tolist()}
+
+
+@scenario
+def softmax_fp64(ctx: Ctx):
+    # uneven token counts per rank; biases on the experts
+    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2, bias=True)
+    return _check(ctx, cfg, torch.float64, *_data(ctx, cfg, torch.float64, [7, 12, 3, 9], 1))
+
+
+@scenario
+def sigmoid_grouped_shared_fp32(ctx: Ctx):
+    # DeepSeek-style: sigmoid scores, selection bias, group-limited top-3, scaling, gated shared expert
+    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=3, activation="gelu",
+                       score_func="sigmoid", expert_bias=True, num_expert_groups=4, topk_groups=2,
+                       routed_scaling_factor=2.5, num_shared_experts=1, shared_expert_gate=True)
+    return _check(ctx, cfg, torch.float32, *_data(ctx, cfg, torch.float32, [10, 5, 8, 6], 2))
+
+
+@scenario
+def capacity_fp64(ctx: Ctx):
+    # capacity applies per rank to its own tokens: the reference runs rank by rank
+    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2, capacity_factor=0.6)
+    params, xs, gs = _data(ctx, cfg, torch.float64, [12, 9, 14, 7], 3)
+    info = _check(ctx, cfg, torch.float64, params, xs, gs, per_rank=True)
+    dropped = fm.moe(xs[ctx.rank], params, cfg, backend="reference").stats.dropped
+    assert int(dropped) > 0 or xs[ctx.rank].shape[0] == 0, "capacity_factor=0.6 dropped nothing: not exercised"
+    return info
+
+
+@scenario
+def zero_tokens_shared_aux_fp64(ctx: Ctx):
+    # rank 1 has no tokens; shared expert; the aux loss is that of each rank's own tokens
+    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2, activation="relu",
+                       num_shared_experts=2, aux_loss_coef=0.01, z_loss_coef=0.001)
+    params, xs, gs = _data(ctx, cfg, torch.float64, [6, 0, 9, 4], 4)
+    layer = _layer(ctx, cfg, torch.float64, params)
+    x = xs[ctx.rank].clone().requires_grad_()
+    layer(x).mul(gs[ctx.rank]).sum().backward()
+    own = fm.moe(xs[ctx.rank], params, cfg, backend="reference")
+    assert_close(layer.aux_loss, own.aux_loss, torch.float64, f"rank {ctx.rank} aux_loss")
+    return _check(ctx, cfg, torch.float64, params, xs, gs)
+
+
+@scenario
+def caller_routing_all_to_rank0(ctx: Ctx):
+    # functional API; every token routed to rank 0's experts, so the other ranks' experts get no rows;
+    # rank 1 has no tokens
+    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2, activation="geglu")
+    params, xs, gs = _data(ctx, cfg, torch.float64, [5, 0, 7, 3], 5)
+    el = ctx.el(cfg)
+    ids = [torch.stack([torch.randperm(el)[:2] for _ in range(x.shape[0])]) if x.shape[0]
+           else torch.empty(0, 2, dtype=torch.int64) for x in xs]
+    weights = [torch.rand(x.shape[0], 2, dtype=torch.float64) + 0.1 for x in xs]
+    ep = ExpertParallel(cfg, ctx.group, ctx.transport, max_tokens_per_rank=16, timeout_s=TIMEOUT_S)
+    info = _check(ctx, cfg, torch.float64, params, xs, gs, routing=(ids, weights), ep=ep)
+    expect = [2 * xs[ctx.rank].shape[0]] + [0] * (ctx.world - 1)
+    assert info["rows_per_peer"] == expect, f"rows_per_peer {info['rows_per_peer']} != {expect}"
+    ep.close()
+    return info
+
+
+@scenario
+def bytes_exact_fp32(ctx: Ctx):
+    # bytes_sent == (rows to other ranks + rows returned to other ranks) * H * itemsize + signal words
+    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2)
+    params, xs, gs = _data(ctx, cfg, torch.float32, [9, 4, 11, 6], 6)
+    layer = _layer(ctx, cfg, torch.float32, params)
+    layer(xs[ctx.rank])
+    el, w, r = ctx.el(cfg), ctx.world, ctx.rank
+    owners = [fm.moe(x, params, cfg, backend="reference").routing.topk_ids.reshape(-1) // el for x in xs]
+    sent_others = int((owners[r] != r).sum())
+    recv_others = sum(int((o == r).sum()) for i, o in enumerate(owners) if i != r)
+    expect = (sent_others + recv_others) * H * 4 + 2 * (w - 1) * el * 8
+    assert layer.stats.bytes_sent == expect, f"bytes_sent {layer.stats.bytes_sent} != minimum {expect}"
+    per_peer = torch.bincount(owners[r], minlength=w).tolist()
+    assert layer.stats.rows_per_peer.tolist() == per_peer, f"rows_per_peer {layer.stats.rows_per_peer} != {per_peer}"
+    return {"bytes_sent": layer.stats.bytes_sent, "rows_per_peer": per_peer,
+            "payload_rows_to_others": sent_others + recv_others}
+
+
+@scenario
+def repeat_100(ctx: Ctx):
+    # 100 forwards on one heap, token counts changing (zero included): sequence numbers, no reset
+    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2)
+    params, _, _ = _data(ctx, cfg, torch.float64, [1], 7)
+    layer = _layer(ctx, cfg, torch.float64, params, max_tokens_per_rank=8)
+    heaps = None
+    for it in range(100):
+        gen = torch.Generator().manual_seed(ctx.seed + it)
+        sizes = [int(v) for v in torch.randint(0, 9, (ctx.world,), generator=gen)]
+        xs = [torch.randn(t, H, dtype=torch.float64, generator=gen) for t in sizes]
+        out = layer(xs[ctx.rank])
+        with torch.no_grad():
+            ref = fm.moe(torch.cat(xs), params, cfg, backend="reference").out.split(sizes)[ctx.rank]
+        assert_close(out.detach(), ref, torch.float64, f"rank {ctx.rank} forward {it}")
+        current = [(id(h), h.peer_address(ctx.rank)) for h in layer.expert_parallel.heaps]
+        assert heaps is None or current == heaps, f"forward {it}: the heap was re-allocated"
+        heaps = current
+    if ctx.transport in ONE_SIDED:
+        ex = next(iter(layer.expert_parallel._exchanges.values()))
+        lay = ex.layout
+        assert ex.heap.read_word(lay.seq_offset(0)) == 100 and ex.heap.read_word(lay.seq_offset(1)) == 100, \
+            "sequence words should count 100 dispatch and 100 return exchanges"
+    return {"forwards": 100}
+
+
+@scenario
+def too_many_tokens(ctx: Ctx):
+    # rank 0 passes more tokens than the heap holds: HeapOverflow before anything is sent
+    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2)
+    layer = fm.FusedMoE(cfg, process_group=ctx.group, transport=ctx.transport, max_tokens_per_rank=4,
+                        dtype=torch.float64, timeout_s=TIMEOUT_S)
+    if ctx.rank == 0:
+        try:
+            layer(torch.randn(5, H, dtype=torch.float64))
+        except HeapOverflow as err:
+            assert "max_tokens_per_rank=4" in str(err) and "5 tokens" in str(err), str(err)
+        else:
+            raise AssertionError("5 tokens with max_tokens_per_rank=4 did not raise HeapOverflow")
+    return {}
+
+
+@scenario
+def peer_skips_forward(ctx: Ctx):
+    # The last rank never sends: every other rank raises ExchangeTimeout within the timeout; the one-sided
+    # transports name the missing peer and slot. The layer gets a group of its own, so the collective the
+    # alltoall ranks leave pending cannot pair with a later collective of the world group.
+    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2)
+    timeout = 1.5
+    group = dist.new_group(list(range(ctx.world)), timeout=timedelta(seconds=10))
+    layer = fm.FusedMoE(cfg, process_group=group, transport=ctx.transport, dtype=torch.float64,
+                        max_tokens_per_rank=8, timeout_s=timeout)
+    layer(torch.randn(3, H, dtype=torch.float64))  # allocate the heap (collective) with everyone present
+    dead = ctx.world - 1
+    if ctx.rank != dead:
+        start = time.monotonic()
+        try:
+            layer(torch.randn(3, H, dtype=torch.float64))
+        except ExchangeTimeout as err:
+            elapsed = time.monotonic() - start
+            msg = str(err)
+            assert f"rank {ctx.rank}" in msg, msg
+            if ctx.transport in ONE_SIDED:
+                assert f"peer {dead}" in msg and "slot" in msg, msg
+            assert elapsed < timeout + 5.0, f"timed out after {elapsed:.1f} s, configured {timeout} s"
+            return {"elapsed_s": round(elapsed, 2)}
+        raise AssertionError("no ExchangeTimeout although the last rank skipped its forward")
+    return {}
+
+
+@scenario
+def construction_errors(ctx: Ctx):
+    # bad expert-parallel arguments fail at construction with the argument named (DESIGN §9)
+    from flashmoe_py.dist import TransportUnavailable
+    bad = [
+        (dict(num_experts=7), {}, ValueError, "divisible by the expert-parallel world size"),
+        (dict(num_experts=8), dict(transport="nvshmem"), TransportUnavailable, "needs CUDA"),
+        (dict(num_experts=8), dict(transport="carrier-pigeon"), TransportUnavailable, "unknown transport"),
+        (dict(num_experts=8), dict(max_tokens_per_rank=0), ValueError, "max_tokens_per_rank"),
+        (dict(num_experts=8), dict(timeout_s=-1.0), ValueError, "timeout_s"),
+    ]
+    for cfg_kw, kw, err, text in bad:
+        cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, top_k=2, **cfg_kw)
+        try:
+            fm.FusedMoE(cfg, process_group=ctx.group, **{"transport": ctx.transport, **kw})
+        except err as e:
+            assert text in str(e), f"{kw or cfg_kw}: message {e!r} does not say {text!r}"
+        else:
+            raise AssertionError(f"{kw or cfg_kw}: no {err.__name__}")
+    layer = fm.FusedMoE(fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=8, top_k=2),
+                        process_group=ctx.group, transport=ctx.transport)
+    shapes = {n: tuple(p.shape) for n, p in layer.named_parameters()}
+    el = 8 // ctx.world
+    assert shapes == {"router_weight": (8, H), "w_up": (el, H, 2 * FFN), "w_down": (el, FFN, H)}, shapes
+    gathered = [torch.empty_like(layer.router_weight) for _ in range(ctx.world)]
+    dist.all_gather(gathered, layer.router_weight.detach(), group=ctx.group)
+    assert all(torch.equal(g, gathered[0]) for g in gathered), "the router is not replicated across ranks"
+    return {}
+
+
+@scenario
+def triton_interpreter_puts_into_peer_heap(ctx: Ctx):
+    # DESIGN §6 on this heap: device code (a Triton kernel under TRITON_INTERPRET=1) puts a packet into the
+    # next rank's segment through an int64 address cast to a pointer and release-signals it; the receiver's
+    # acquire wait sees the rows. This is how the fused kernel will use the layout.
+    if ctx.transport != "shm":
+        return {"skipped": "peer addresses exist in this process only for the shm heap"}
+    os.environ["TRITON_INTERPRET"] = "1"  # chosen when the kernel is defined below
+    import triton
+    import triton.language as tl
+
+    from flashmoe_py.dist.layout import DISPATCH, HeapLayout
+    from flashmoe_py.dist.shm import ShmHeap
+
+    @triton.jit
+    def put_packet(src_ptr, dst_address, signal_address, word, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        dst = dst_address.to(tl.pointer_type(tl.float64))
+        tl.store(dst + offs, tl.load(src_ptr + offs, mask=offs < n), mask=offs < n)
+        tl.atomic_xchg(signal_address.to(tl.pointer_type(tl.int64)), word, sem="release", scope="sys")
+
+    rows, el = 5, 2
+    lay = HeapLayout(world_size=ctx.world, num_local_experts=el, slab_rows=8, row_bytes=H * 8)
+    heap = ShmHeap(lay, ctx.group)
+    nxt, prev = (ctx.rank + 1) % ctx.world, (ctx.rank - 1) % ctx.world
+    packet = torch.randn(rows, H, dtype=torch.float64, generator=torch.Generator().manual_seed(ctx.seed + ctx.rank))
+    for e in range(el):  # one packet per expert slot; slot 1 is empty (count 0)
+        n = rows if e == 0 else 0
+        put_packet[(1,)](packet, heap.peer_address(nxt) + lay.data_offset(DISPATCH, ctx.rank),
+                         heap.peer_address(nxt) + lay.signal_offset(DISPATCH, ctx.rank, e), (1 << 32) | n, n * H,
+                         BLOCK=triton.next_power_of_2(rows * H))
+    missing, seen = heap.wait(lay.signal_offset(DISPATCH, prev), el, 1, TIMEOUT_S)
+    assert missing == -1, f"no signal from rank {prev}"
+    assert (seen & 0xFFFFFFFF).tolist() == [rows, 0], seen
+    got = heap.local(lay.data_offset(DISPATCH, prev), rows * H * 8).view(torch.float64).view(rows, H)
+    want = torch.randn(rows, H, dtype=torch.float64, generator=torch.Generator().manual_seed(ctx.seed + prev))
+    assert torch.equal(got, want), "the rows the peer's kernel put are not in this rank's slab"
+    dist.barrier()
+    heap.close()
+    return {}
+
+
+def _rank_main(rank: int, args) -> None:
+    world = args.world
+    dist.init_process_group("gloo", init_method=f"file://{args.store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    torch.set_num_threads(1)
+    names = args.scenarios.split(",") if args.scenarios else list(SCENARIOS)
+    results = {}
+    for transport in args.transport.split(","):  # one launch serves several transports: starting ranks is slow
+        ctx = Ctx(rank, world, transport, args.seed)
+        for name in names:
+            start = time.monotonic()
+            key = f"{transport}/{name}"
+            try:
+                info = SCENARIOS[name](ctx)
+                results[key] = {"ok": True, "info": info}
+            except Exception:
+                results[key] = {"ok": False, "error": traceback.format_exc()}
+            results[key]["seconds"] = round(time.monotonic() - start, 3)
+            dist.barrier()
+    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--launcher", choices=("spawn", "mpirun"), required=True)
+    ap.add_argument("--world", type=int, default=0)
+    ap.add_argument("--transport", required=True, help="comma-separated transports, run one after the other")
+    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--store", required=True, help="file for the gloo rendezvous (FileStore)")
+    ap.add_argument("--scenarios", default="", help="comma-separated subset (default: all)")
+    args = ap.parse_args()
+    if args.launcher == "spawn":
+        torch.multiprocessing.spawn(_rank_main, args=(args,), nprocs=args.world, join=True)
+    else:
+        from flashmoe_py import env
+        launch = env.launch_env()
+        args.world = launch.world_size
+        _rank_main(launch.rank, args)
+
+
+if __name__ == "__main__":
+    main()

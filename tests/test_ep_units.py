@@ -1,0 +1,214 @@
+"""Expert-parallel pieces that need no second process: heap layout, protocol checks on a recording heap,
+the expert-major reordering, the native signal words, transport selection, and (on a GPU) nvshmem with
+one rank putting to itself."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+import flashmoe_py as fm
+from flashmoe_py.dist import ExchangeTimeout, HeapLayout, HeapOverflow, SymmetricHeap, TransportUnavailable, transports
+from flashmoe_py.dist.forward import expert_major
+from flashmoe_py.dist.layout import ALIGN, DISPATCH, RETURN, SIGNAL_BYTES
+from flashmoe_py.dist.protocol import OneSidedExchange
+
+
+def test_layout_blocks_are_aligned_disjoint_and_fit():
+    lay = HeapLayout.for_layer(world_size=3, num_local_experts=5, top_k=2, max_tokens_per_rank=7, hidden_size=6,
+                               itemsize=2)
+    assert lay.slab_rows == 14 and lay.row_bytes == 12
+    blocks = []  # (start, end) of every signal array and data slab
+    for region in (DISPATCH, RETURN):
+        blocks.append((lay.signal_offset(region, 0), lay.signal_offset(region, 2, 4) + SIGNAL_BYTES))
+        for src in range(3):
+            blocks.append((lay.data_offset(region, src), lay.data_offset(region, src) + lay.slab_rows * lay.row_bytes))
+    assert all(start % ALIGN == 0 for start, _ in blocks)
+    blocks.sort()
+    assert blocks[0][0] >= 8 * 8, "the header is overwritten"
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(blocks, blocks[1:])), blocks
+    assert blocks[-1][1] <= lay.size
+    words = {lay.signal_offset(r, s, e) for r in (0, 1) for s in range(3) for e in range(5)}
+    assert len(words) == 30, "two packets share a signal word"
+
+
+class RecordingHeap(SymmetricHeap):
+    """A heap that records puts and signals and answers waits from a script (no other process)."""
+
+    def __init__(self, layout, rank, world_size, missing=-1, seen_seq=None):
+        super().__init__(layout, rank, world_size)
+        self.calls, self.missing, self.seen_seq = [], missing, seen_seq
+        self.mem = torch.zeros(layout.size, dtype=torch.uint8)
+
+    def put(self, peer, offset, data):
+        self.calls.append(("put", peer, offset, data.numel() * data.element_size()))
+
+    def signal(self, peer, offset, words):
+        self.calls.append(("signal", peer, offset, words.tolist()))
+
+    def wait(self, offset, n, seq, timeout_s):
+        seq_seen = seq if self.seen_seq is None else self.seen_seq
+        return self.missing, torch.full((n,), seq_seen << 32, dtype=torch.int64)
+
+    def local(self, offset, nbytes):
+        return self.mem[offset:offset + nbytes]
+
+
+def test_overflowing_packet_is_refused_before_anything_is_written(seed):
+    lay = HeapLayout(world_size=2, num_local_experts=2, slab_rows=3, row_bytes=4 * 8)
+    heap = RecordingHeap(lay, rank=0, world_size=2)
+    ex = OneSidedExchange(heap, lay, timeout_s=1.0)
+    counts = torch.tensor([[1, 0], [2, 2]])  # 4 rows for rank 1 > 3-row slab
+    with pytest.raises(HeapOverflow, match="4 rows for rank 1 exceed the heap's 3 rows"):
+        ex.run(DISPATCH, torch.randn(5, 4, dtype=torch.float64), counts)
+    assert heap.calls == [], "something was written before the overflow check"
+
+
+def test_exchange_puts_only_routed_rows_then_signals_with_sequence_and_count(seed):
+    lay = HeapLayout(world_size=2, num_local_experts=3, slab_rows=8, row_bytes=4 * 8)
+    heap = RecordingHeap(lay, rank=0, world_size=2)
+    ex = OneSidedExchange(heap, lay, timeout_s=1.0)
+    counts = torch.tensor([[2, 0, 1], [0, 3, 1]])
+    res = ex.run(DISPATCH, torch.randn(7, 4, dtype=torch.float64), counts)
+    assert heap.calls == [("put", 1, lay.data_offset(DISPATCH, 0), 4 * 32),
+                          ("signal", 1, lay.signal_offset(DISPATCH, 0), [(1 << 32) | 0, (1 << 32) | 3, (1 << 32) | 1])]
+    assert res.bytes_sent == 4 * 32 + 3 * SIGNAL_BYTES
+    assert heap.read_word(lay.seq_offset(DISPATCH)) == 1 and heap.read_word(lay.seq_offset(RETURN)) == 0
+    ex.run(DISPATCH, torch.randn(7, 4, dtype=torch.float64), counts)
+    assert heap.calls[-1][3][0] >> 32 == 2, "the second exchange must carry sequence 2"
+
+
+def test_timeout_names_rank_peer_and_slot_and_poisons_the_exchange():
+    lay = HeapLayout(world_size=3, num_local_experts=2, slab_rows=4, row_bytes=8)
+    heap = RecordingHeap(lay, rank=1, world_size=3, missing=1, seen_seq=0)
+    ex = OneSidedExchange(heap, lay, timeout_s=0.25)
+    with pytest.raises(ExchangeTimeout, match=r"rank 1: timed out after 0.25 s waiting for peer 0: dispatch slot "
+                                              r"\(src=0, expert 1 = global expert 3\) expected sequence 1, saw 0"):
+        ex.run(DISPATCH, torch.zeros(0, 1, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="an earlier exchange failed"):
+        ex.run(RETURN, torch.zeros(0, 1, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.int64))
+
+
+def test_expert_major_permutation(seed):
+    counts = torch.randint(0, 4, (3, 4))
+    counts[1, 2] = 0
+    perm, per_expert = expert_major(counts)
+    src_major = [(s, e) for s in range(3) for e in range(4) for _ in range(int(counts[s, e]))]
+    exp_major = [(s, e) for e in range(4) for s in range(3) for _ in range(int(counts[s, e]))]
+    assert [src_major[i] for i in perm.tolist()] == exp_major
+    assert sorted(perm.tolist()) == list(range(len(src_major)))
+    assert per_expert.tolist() == counts.sum(0).tolist()
+
+
+def _native():
+    try:
+        from flashmoe_py import _C
+    except ImportError:
+        pytest.fail("flashmoe_py._C is not built: `pip install --no-build-isolation -e .` builds it")
+    return _C
+
+
+def test_native_signal_release_then_acquire_and_timeout():
+    c = _native()
+    words = torch.zeros(4, dtype=torch.int64)
+    addr = words.data_ptr()
+
+    def producer():
+        time.sleep(0.05)
+        c.store_release(addr, torch.tensor([(3 << 32) | 5, (3 << 32) | 0, (3 << 32) | 7, (3 << 32) | 1]))
+
+    t = threading.Thread(target=producer)
+    t.start()
+    missing, seen = c.wait_signals(addr, 4, 3, 5.0)
+    t.join()
+    assert missing == -1 and (seen & 0xFFFFFFFF).tolist() == [5, 0, 7, 1]
+    start = time.monotonic()
+    missing, seen = c.wait_signals(addr, 4, 4, 0.2)
+    assert missing == 0 and 0.15 < time.monotonic() - start < 5.0
+    with pytest.raises(RuntimeError, match="seq"):
+        c.wait_signals(addr, 4, 0, 1.0)
+    with pytest.raises(RuntimeError, match="not 8-byte aligned"):
+        c.store_release(addr + 4, torch.tensor([1]))
+
+
+def test_nvshmem_transport_imports_and_says_it_needs_cuda_on_cpu():
+    import flashmoe_py.dist.nvshmem as nv
+
+    assert "needs CUDA" in nv.unavailable_reason(torch.device("cpu"))
+    with pytest.raises(TransportUnavailable, match="transport='nvshmem' cannot run on cpu: needs CUDA"):
+        transports.resolve("nvshmem", "cpu")
+    assert transports.resolve("auto", "cpu") == "shm"
+
+
+def test_process_group_without_torch_distributed_is_a_clear_error():
+    if torch.distributed.is_initialized():
+        pytest.skip("this process already has a default process group")
+    with pytest.raises(ValueError, match="process_group: torch.distributed is not initialized"):
+        fm.FusedMoE(hidden_size=8, ffn_hidden_size=4, num_experts=4, top_k=2, process_group=object())
+    with pytest.raises(ValueError, match="only meaningful with a process_group"):
+        fm.FusedMoE(hidden_size=8, ffn_hidden_size=4, num_experts=4, top_k=2, timeout_s=3.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("transport", ["nvshmem", "alltoall"])
+def test_one_gpu_rank_puts_to_itself_and_matches_reference(transport, tmp_path, seed):
+    # World size 1 on one GPU: the protocol runs end to end (heap, signals, waits) with the only peer being self.
+    import torch.distributed as dist
+
+    from tests.helpers import random_params
+    from tests.tolerances import assert_close
+
+    if transport == "nvshmem":
+        reason = transports.unavailable_reason("nvshmem", torch.device("cuda"))
+        if reason:
+            pytest.skip(reason)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    cfg = fm.MoEConfig(hidden_size=64, ffn_hidden_size=32, num_experts=8, top_k=2)
+    params = random_params(cfg, torch.float32, device="cuda")
+    layer = fm.FusedMoE(cfg, process_group=dist.group.WORLD, transport=transport, device="cuda", dtype=torch.float32)
+    with torch.no_grad():
+        for name, t in params.items():
+            getattr(layer, name).copy_(t)
+    x = torch.randn(37, 64, device="cuda", requires_grad=True)
+    y = layer(x)
+    y.square().sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    ref = fm.moe(x_ref, params, cfg, backend="reference").out
+    ref.square().sum().backward()
+    assert_close(y, ref, "tf32" if torch.backends.cuda.matmul.allow_tf32 else torch.float32, "out")
+    assert_close(x.grad, x_ref.grad, "tf32" if torch.backends.cuda.matmul.allow_tf32 else torch.float32, "x.grad")
+    assert layer.stats.bytes_sent == 0, "nothing crosses the wire with one rank"
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_nvshmem_heap_put_signal_wait_to_self(tmp_path, seed):
+    # The device-side primitives on one GPU: a put and a release signal to this rank's own segment, an
+    # acquire wait that sees them, and a wait for a sequence nobody sends that times out on its slot.
+    import torch.distributed as dist
+
+    reason = transports.unavailable_reason("nvshmem", torch.device("cuda"))
+    if reason:
+        pytest.skip(reason)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    from flashmoe_py.dist.nvshmem import NvshmemHeap
+
+    lay = HeapLayout(world_size=1, num_local_experts=3, slab_rows=16, row_bytes=32 * 4)
+    heap = NvshmemHeap(lay, dist.group.WORLD, torch.device("cuda", torch.cuda.current_device()))
+    rows = torch.randn(5, 32, device="cuda")
+    heap.put(0, lay.data_offset(DISPATCH, 0), rows)
+    heap.signal(0, lay.signal_offset(DISPATCH, 0), torch.tensor([(1 << 32) | 2, (1 << 32) | 0, (1 << 32) | 3]))
+    missing, seen = heap.wait(lay.signal_offset(DISPATCH, 0), 3, 1, 5.0)
+    assert missing == -1 and (seen & 0xFFFFFFFF).tolist() == [2, 0, 3]
+    got = heap.local(lay.data_offset(DISPATCH, 0), 5 * 32 * 4).view(torch.float32).view(5, 32)
+    assert torch.equal(got, rows)
+    start = time.monotonic()
+    missing, _ = heap.wait(lay.signal_offset(RETURN, 0), 3, 1, 0.2)
+    assert missing == 0 and time.monotonic() - start < 5.0
+    heap.close()
