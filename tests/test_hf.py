@@ -262,6 +262,12 @@ def test_registered_experts_honour_layout_flags_and_track_parameter_updates(layo
     assert_close(after, _run_experts(module, "batched_mm", x, ids, w), F32, f"{layout} output after an update")
     assert (after - y).abs().max() > 1e3 * RTOL[F32], "the update did not change the output"
 
+    for p in module.parameters():  # writes through .data bypass the version counter: clear_cache is the remedy
+        p.data.mul_(0.5)
+    assert fh.clear_cache(module) == 1
+    assert_close(_run_experts(module, "flashmoe", x, ids, w), _run_experts(module, "batched_mm", x, ids, w), F32,
+                 f"{layout} output after .data writes and clear_cache")
+
 
 def test_unsupported_variants_raise_errors_naming_the_flag(seed):
     fh.register(backend="reference")

@@ -17,7 +17,7 @@ never imports it.
 from __future__ import annotations
 
 from .blocks import FlashMoEBlock, PatchResult, from_hf, patch, supported_blocks
-from .experts import UnsupportedHFModule, make_experts_forward
+from .experts import UnsupportedHFModule, clear_cache, make_experts_forward
 
 REGISTRY_NAME = "flashmoe"
 
@@ -31,5 +31,5 @@ def register(name: str = REGISTRY_NAME, *, backend: str = "auto") -> str:
     return name
 
 
-__all__ = ["REGISTRY_NAME", "FlashMoEBlock", "PatchResult", "UnsupportedHFModule", "from_hf", "patch", "register",
-           "supported_blocks"]
+__all__ = ["REGISTRY_NAME", "FlashMoEBlock", "PatchResult", "UnsupportedHFModule", "clear_cache", "from_hf", "patch",
+           "register", "supported_blocks"]

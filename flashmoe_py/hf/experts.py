@@ -201,6 +201,13 @@ def _cache_of(module) -> dict:
     return cache
 
 
+def clear_cache(model: torch.nn.Module) -> int:
+    """Drop the cached relayouts (and layouts) of every experts module in `model`; returns how many modules
+    had one. Needed only after changing parameters in a way that bypasses their version counter
+    (`param.data.copy_(...)`); optimizer steps, `load_state_dict` and in-place ops under no_grad are detected."""
+    return sum(m.__dict__.pop("_flashmoe_cache", None) is not None for m in model.modules())
+
+
 def _relaid(module, name: str, param: torch.Tensor, to_ours: Callable, to_param: Callable) -> torch.Tensor:
     """`to_ours(param)` from the module's cache, recomputed only when the parameter has changed."""
     cache = _cache_of(module)
