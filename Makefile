@@ -3,6 +3,7 @@
 #   VENV_ARGS   extra `python -m venv` flags (gpu-check uses --system-site-packages to see the image's torch)
 #   TORCH_SPEC  the torch installed when the venv has none (the CPU build on disk here)
 #   PIP_DEPS    --no-deps on machines without a package registry (gpu-check)
+#   BENCH_ARGS  extra flashmoe-bench options for `make bench`
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -27,8 +28,11 @@ install: $(INSTALLED)
 test: $(INSTALLED)
 	$(PY) -m pytest -q
 
+# The default sweep on whatever device is present: a table, rows appended to bench/results/<device>.jsonl,
+# and <device>.json/.csv/.png beside them. BENCH_ARGS adds options (flashmoe-bench --help).
+BENCH_ARGS ?=
 bench: $(INSTALLED)
-	$(VENV)/bin/flashmoe-bench
+	$(VENV)/bin/flashmoe-bench --out 'bench/results/{device}' --plot 'bench/results/{device}.png' $(BENCH_ARGS)
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

@@ -133,23 +133,31 @@ def build_torch_grouped_mm(pb: Problem) -> Impl:
     reason = baselines.grouped_mm_unavailable(cfg, pb.case.dtype)
     if reason is not None:
         raise Unavailable(reason)
+    if pb.needs_grad and pb.device.type == "cpu":
+        with torch.no_grad():
+            for x in pb.inputs:
+                r = route(x, p.router_weight, p.expert_bias, cfg)
+                idle = cfg.num_experts - int(torch.unique(r.topk_ids).numel())
+                if idle:
+                    raise Unavailable(f"torch grouped_mm's CPU backward rejects empty groups, and {idle} experts "
+                                      "get no rows here")
     experts = lambda x, ids, w: baselines.grouped_mm_experts(x, p, cfg, ids, w)  # noqa: E731
     return Impl(_with_router_and_shared(experts, p, cfg), _param_leaves(p), lambda: _param_grads(p))
 
 
 def _memory_budget(device: torch.device) -> int:
-    """Bytes a baseline may allocate for one call: a quarter of free device memory (CUDA) or of the
-    machine's available memory (CPU)."""
+    """Bytes a baseline may allocate for one call: a quarter of free device memory (CUDA); on a CPU a
+    quarter of the available memory, at most 1 GiB (touching fresh pages costs more than the math there)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] // 4
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 4
+                    return min(1 << 30, int(line.split()[1]) * 1024 // 4)
     except OSError:
         pass
-    return 2 << 30
+    return 1 << 30
 
 
 def build_hf(impl: str) -> Callable[[Problem], Impl]:
@@ -164,7 +172,7 @@ def build_hf(impl: str) -> Callable[[Problem], Impl]:
             budget = _memory_budget(pb.device)
             if need > budget:
                 raise Unavailable(f"batched_mm gathers T*k*(N_up+I)*H weights = {need / 2**30:.1f} GiB per call, "
-                                  f"over the {budget / 2**30:.1f} GiB budget (a quarter of free memory)")
+                                  f"over this device's {budget / 2**30:.1f} GiB budget for one call")
         experts = baselines.HFExperts(impl, pb.params, cfg, pb.needs_grad)
         p = pb.params
         others = [t for n, t in p.tensors().items() if t.requires_grad and n not in ("w_up", "w_down")]

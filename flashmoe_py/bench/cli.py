@@ -163,7 +163,7 @@ def plan_for(args, device: torch.device) -> Plan:
     cuda = device.type == "cuda"
     return Plan(repeats=args.repeats or (30 if cuda else 5), warmup=(5 if cuda else 1) if args.warmup is None
                 else args.warmup, input_sets=args.input_sets, seed=args.seed,
-                min_time_s=(0.2 if cuda else 1.0) if args.min_time is None else args.min_time,
+                min_time_s=(0.2 if cuda else 0.5) if args.min_time is None else args.min_time,
                 quick_ceilings=args.ceilings == "quick")
 
 

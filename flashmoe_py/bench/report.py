@@ -41,12 +41,20 @@ def _fmt(v, spec: str, none: str = "n/a") -> str:
 
 
 def _si(v: float | None) -> str:
+    """3 significant digits with an SI suffix: 4.83G, 512T, 37.7."""
     if v is None:
         return "n/a"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(v) >= scale:
             return f"{v / scale:.3g}{unit}"
     return f"{v:.3g}"
+
+
+def _ms(v: float | None) -> str:
+    """Milliseconds without exponents: 5450, 42.7, 0.913, 0.0123."""
+    if v is None:
+        return "n/a"
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
 
 
 def case_label(row: dict) -> str:
@@ -66,7 +74,7 @@ def table(rows: list[dict], title: str):
               "baseline); roofline = max(FLOPs/matmul ceiling, bytes/copy ceiling) / time, c/m: which binds",
               header_style="bold")
     for col, just in (("case", "left"), ("candidate", "left"), ("median ms", "right"), ("p20-p80 ms", "right"),
-                      ("tok/s", "right"), ("TFLOP/s", "right"), ("roofline", "right"), ("vs best", "right"),
+                      ("tok/s", "right"), ("FLOP/s", "right"), ("roofline", "right"), ("vs best", "right"),
                       ("ops", "right"), ("launch", "right"), ("sync", "right"), ("peak MiB", "right")):
         t.add_column(col, justify=just, no_wrap=col != "case")
     if distributed:
@@ -80,9 +88,9 @@ def table(rows: list[dict], title: str):
         ok = r["status"] == "ok"
         eff = m["roofline_efficiency"]
         cells = [label if label != last else "", r["candidate"],
-                 _fmt(m["latency_ms_median"], ".3g"),
-                 f"{m['latency_ms_p20']:.3g}-{m['latency_ms_p80']:.3g}" if ok else "",
-                 _si(m["tokens_per_s"]) if ok else "", _fmt(m["tflops"], ".3g", "") if ok else "",
+                 _ms(m["latency_ms_median"]),
+                 f"{_ms(m['latency_ms_p20'])}-{_ms(m['latency_ms_p80'])}" if ok else "",
+                 _si(m["tokens_per_s"]) if ok else "", _si(m["tflops"] * 1e12) if ok else "",
                  f"{100 * eff:.1f}% {m['bound'][0]}" if ok else "",
                  _fmt(m["speedup_vs_best_baseline"], ".2f", "") + ("x" if m["speedup_vs_best_baseline"] else ""),
                  _fmt(m["aten_ops"], "d", ""), _fmt(m["kernel_launches"], "d", "n/a" if ok else ""),
@@ -111,16 +119,16 @@ def print_table(rows: list[dict], title: str, out=None) -> None:
 
 def markdown_table(rows: list[dict]) -> str:
     """The same numbers as a Markdown table (for the README)."""
-    head = "| case | candidate | median ms | p20-p80 ms | tok/s | GFLOP/s | roofline | vs best | ops | peak MiB |"
+    head = "| case | candidate | median ms | p20-p80 ms | tok/s | FLOP/s | roofline | vs best | ops | peak MiB |"
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         m = r["metrics"]
         if r["status"] != "ok":
             out.append(f"| {case_label(r)} | {r['candidate']} | {r['status']}: {r['reason']} | | | | | | | |")
             continue
-        out.append(f"| {case_label(r)} | {r['candidate']} | {m['latency_ms_median']:.1f} | "
-                   f"{m['latency_ms_p20']:.1f}-{m['latency_ms_p80']:.1f} | {_si(m['tokens_per_s'])} | "
-                   f"{m['tflops'] * 1e3:.1f} | {100 * m['roofline_efficiency']:.1f}% {m['bound']} | "
+        out.append(f"| {case_label(r)} | {r['candidate']} | {_ms(m['latency_ms_median'])} | "
+                   f"{_ms(m['latency_ms_p20'])}-{_ms(m['latency_ms_p80'])} | {_si(m['tokens_per_s'])} | "
+                   f"{_si(m['tflops'] * 1e12)} | {100 * m['roofline_efficiency']:.1f}% {m['bound']} | "
                    f"{m['speedup_vs_best_baseline']:.2f}x | {m['aten_ops']} | {m['peak_mem_bytes'] / 2**20:.1f} |")
     return "\n".join(out)
 

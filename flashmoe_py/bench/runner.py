@@ -160,7 +160,7 @@ def run_case(case: Case, names: list[str], device: torch.device, ceilings: Ceili
     """Rows for `names` on `case` (one per name, in order). `builders` adds or overrides candidates."""
     progress = progress or Progress()
     builders = builders or {}
-    per_candidate = plan.warmup + plan.repeats + 2  # + the gate's call and the profiled call
+    per_candidate = max(1, plan.warmup) + plan.repeats + 1  # + the gate's call; the profiled call is a warm-up
     progress.add(per_candidate * len(names))
     config = config_dict(case, None, plan.repeats, plan.warmup, plan.input_sets)
     pb = make_problem(case, device, plan.input_sets, plan.seed)
@@ -208,12 +208,16 @@ def run_case(case: Case, names: list[str], device: torch.device, ceilings: Ceili
         r["config"]["repeats"] = repeats
     progress.describe(f"{case.shape} T={case.tokens} {case.dtype_name} {case.mode}: timing {len(impls)} candidates")
     steps = {n: make_step(impl, pb) for n, impl in impls.items()}
-    samples = time_interleaved(steps, device, repeats, plan.warmup, plan.input_sets, on_call=progress.advance)
+    # The profiled call is the first warm-up round (a warm call: the gate already ran each candidate once).
+    probed = {}
     for name, step in steps.items():
-        probed = probe(step, device)
+        probed[name] = probe(step, device)
         progress.advance(1)
+    samples = time_interleaved(steps, device, repeats, max(0, plan.warmup - 1), plan.input_sets,
+                               on_call=progress.advance)
+    for name in steps:
         rows[name] = new_row(header, config, name, kind_of(name), "ok", None, max_rel_err=errors[name],
-                             **timed_metrics(samples[name], work, case.tokens, ceilings), **probed, **common)
+                             **timed_metrics(samples[name], work, case.tokens, ceilings), **probed[name], **common)
     ordered = [rows[n] for n in names]
     add_speedups(ordered)
     return ordered
