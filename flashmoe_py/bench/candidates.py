@@ -171,8 +171,8 @@ def build_hf(impl: str) -> Callable[[Problem], Impl]:
             need = baselines.batched_mm_bytes(cfg, pb.case.tokens, pb.inputs[0].element_size())
             budget = _memory_budget(pb.device)
             if need > budget:
-                raise Unavailable(f"batched_mm gathers T*k*(N_up+I)*H weights = {need / 2**30:.1f} GiB per call, "
-                                  f"over this device's {budget / 2**30:.1f} GiB budget for one call")
+                raise Unavailable(f"gathers {need / 2**30:.1f} GiB of weights per call (T*k*(N_up+I)*H), over "
+                                  f"the {budget / 2**30:.1f} GiB allowed here")
         experts = baselines.HFExperts(impl, pb.params, cfg, pb.needs_grad)
         p = pb.params
         others = [t for n, t in p.tensors().items() if t.requires_grad and n not in ("w_up", "w_down")]

@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--world-size", type=_positive_int, default=1,
                       help="spawn this many CPU ranks (gloo); under torchrun the launched ranks are used")
     what.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    what.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice); on a "
+                      "machine shared with other work, fewer threads than cores avoids waits for descheduled ones")
     how = ap.add_argument_group("timing")
     how.add_argument("--repeats", type=_positive_int, help="timed rounds at least (default: 5 on CPU, 30 on GPU)")
     how.add_argument("--warmup", type=int, help="untimed rounds first (default: 1 on CPU, 5 on GPU)")
@@ -240,6 +242,8 @@ def main(argv=None) -> int:
         from .compare import main as compare_main
         return compare_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if distributed.launched():
         device = distributed.init_launched()
         world = torch.distributed.get_world_size()

@@ -56,8 +56,8 @@ METRIC_KEYS = {
     "flops": _num,                    # counted FLOPs of one call (counting.py), all ranks
     "tflops": _num,                   # flops / median latency / 1e12
     "min_bytes": _num,                # counted minimum bytes through memory of one call, all ranks
-    "matmul_tflops_ceiling": _num,    # measured in this run: a large GEMM in this dtype (sum over ranks)
-    "copy_gbps_ceiling": _num,        # measured in this run: a large copy, read + write bytes (sum over ranks)
+    "matmul_tflops_ceiling": _num,    # measured in this run: best of a large GEMM in this dtype (sum over ranks)
+    "copy_gbps_ceiling": _num,        # measured in this run: best large copy, read + write bytes (sum over ranks)
     "roofline_efficiency": _num,      # max(flops / matmul ceiling, min_bytes / copy ceiling) / latency
     "bound": (str, type(None)),       # "compute" | "memory": which ceiling binds
     "speedup_vs_best_baseline": _num,  # best ok baseline's median / this row's median (> 1: faster)
