@@ -59,15 +59,20 @@ class Impl:
     grads: Callable[[], dict[str, torch.Tensor]] = dict
 
 
-def make_problem(case: Case, device: torch.device, input_sets: int, seed: int, input_seed: int | None = None
-                 ) -> Problem:
-    """Random weights at nn.Linear scale (never zeros) from `seed`, and `input_sets` random inputs from
-    `input_seed` (default seed + 1; expert-parallel ranks share the weights and draw their own tokens)."""
+# The last weights made, reused while consecutive cases differ only in their tokens (the sweep's order):
+# drawing a decode shape's 400 MB of weights costs seconds on a CPU.
+_last_weights: dict = {}
+
+
+def _weights(cfg: MoEConfig, dtype: torch.dtype, device: torch.device, seed: int, grad: bool) -> dict:
+    key = (cfg, dtype, device, seed, grad)
+    if key in _last_weights:
+        return _last_weights[key]
+    _last_weights.clear()
     g = torch.Generator(device="cpu").manual_seed(seed)
-    cfg, dt = case.cfg, case.dtype
 
     def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dt)
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
 
     h, i, e = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_experts
     p = {"router_weight": rnd(e, h, scale=h ** -0.5), "w_up": rnd(e, h, cfg.up_size, scale=h ** -0.5),
@@ -81,12 +86,27 @@ def make_problem(case: Case, device: torch.device, input_sets: int, seed: int, i
         p["shared_w_down"] = rnd(cfg.shared_hidden_size, h, scale=cfg.shared_hidden_size ** -0.5)
     if cfg.shared_expert_gate:
         p["shared_gate_weight"] = rnd(1, h, scale=h ** -0.5)
-    grad = case.mode != "fwd"
-    g.manual_seed(seed + 1 if input_seed is None else input_seed)
     for n, t in p.items():
         t.requires_grad_(grad and n != "expert_bias")
-    inputs = [rnd(case.tokens, h).requires_grad_(grad) for _ in range(input_sets)]
-    grad_outs = [rnd(case.tokens, h) for _ in range(input_sets)] if grad else []
+    _last_weights[key] = p
+    return p
+
+
+def make_problem(case: Case, device: torch.device, input_sets: int, seed: int, input_seed: int | None = None
+                 ) -> Problem:
+    """Random weights at nn.Linear scale (never zeros) from `seed`, and `input_sets` random inputs from
+    `input_seed` (default seed + 1; expert-parallel ranks share the weights and draw their own tokens)."""
+    grad = case.mode != "fwd"
+    p = _weights(case.cfg, case.dtype, device, seed, grad)
+    for t in p.values():
+        t.grad = None
+    g = torch.Generator(device="cpu").manual_seed(seed + 1 if input_seed is None else input_seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=case.dtype)
+
+    inputs = [rnd(case.tokens, case.cfg.hidden_size).requires_grad_(grad) for _ in range(input_sets)]
+    grad_outs = [rnd(case.tokens, case.cfg.hidden_size) for _ in range(input_sets)] if grad else []
     return Problem(case, device, MoEParams.from_mapping(p), inputs, grad_outs)
 
 

@@ -75,6 +75,12 @@ class Ceilings:
     matmul_flops_per_s: float
     copy_bytes_per_s: float
 
+    def best(self, other: Ceilings | None) -> Ceilings:
+        if other is None:
+            return self
+        return Ceilings(max(self.matmul_flops_per_s, other.matmul_flops_per_s),
+                        max(self.copy_bytes_per_s, other.copy_bytes_per_s))
+
 
 def _best_seconds(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
     # A ceiling is what the hardware can do: the fastest of the calls, since noise only ever slows one down.
@@ -94,7 +100,8 @@ def _copy_of(nbytes: int, device: torch.device) -> Callable[[], None]:
     return lambda: dst.copy_(src)
 
 
-def measure_ceilings(device: torch.device, dtype: torch.dtype, quick: bool = False) -> Ceilings:
+def measure_ceilings(device: torch.device, dtype: torch.dtype, quick: bool = False, repeats: int | None = None
+                     ) -> Ceilings:
     """A square GEMM large enough to reach the BLAS/tensor-core rate, and a copy far larger than any cache;
     the best of several calls of each.
 
@@ -107,6 +114,7 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype, quick: bool = Fal
     nbytes = (1 << 30) if cuda else (256 << 20)
     if quick:
         n, nbytes = 512, 32 << 20
-    t_mm = _best_seconds(_matmul_of(n, dtype, device), device, 10 if cuda else 5)
-    t_copy = _best_seconds(_copy_of(nbytes, device), device, 10 if cuda else 5)
+    reps = repeats or (10 if cuda else 5)
+    t_mm = _best_seconds(_matmul_of(n, dtype, device), device, reps)
+    t_copy = _best_seconds(_copy_of(nbytes, device), device, reps)
     return Ceilings(matmul_flops_per_s=2.0 * n ** 3 / t_mm, copy_bytes_per_s=2.0 * nbytes / t_copy)
