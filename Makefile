@@ -29,10 +29,11 @@ test: $(INSTALLED)
 	$(PY) -m pytest -q
 
 # The default sweep on whatever device is present: a table, rows appended to bench/results/<device>.jsonl,
-# and <device>.json/.csv/.png beside them. BENCH_ARGS adds options (flashmoe-bench --help).
+# and <device>.json/.csv/.png/.md beside them. BENCH_ARGS adds options (flashmoe-bench --help).
 BENCH_ARGS ?=
 bench: $(INSTALLED)
-	$(VENV)/bin/flashmoe-bench --out 'bench/results/{device}' --plot 'bench/results/{device}.png' $(BENCH_ARGS)
+	$(VENV)/bin/flashmoe-bench --out 'bench/results/{device}' --plot 'bench/results/{device}.png' \
+		--markdown 'bench/results/{device}.md' $(BENCH_ARGS)
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

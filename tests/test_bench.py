@@ -251,7 +251,7 @@ def test_end_to_end_writes_table_json_csv_jsonl_png(tmp_path, capsys):
     argv = ["--hidden", "32", "--ffn", "16", "--experts", "8", "--top-k", "2", "--tokens", "16", "48",
             "--repeats", "1", "--warmup", "0", "--min-time", "0", "--input-sets", "1", "--no-progress",
             "--ceilings", "quick", "--results-dir", str(tmp_path / "results"), "--out", str(tmp_path / "{device}"),
-            "--plot", str(tmp_path / "{device}.png")]
+            "--plot", str(tmp_path / "{device}.png"), "--markdown", str(tmp_path / "{device}.md")]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     for name in ("reference", "naive_loop", "hf_eager", "hf_grouped_mm", "torch_grouped_mm", "vs best"):
@@ -269,6 +269,8 @@ def test_end_to_end_writes_table_json_csv_jsonl_png(tmp_path, capsys):
     assert len(schema.read_rows(tmp_path / "results" / f"{slug}.jsonl")) == len(rows)
     with (tmp_path / f"{slug}.csv").open() as f:
         assert len(list(csv.DictReader(f))) == len(rows)
+    md = (tmp_path / f"{slug}.md").read_text()
+    assert "| custom T=48 | hf_eager |" in md and "Ceilings measured in this run" in md
     png = (tmp_path / f"{slug}.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 

@@ -25,7 +25,7 @@ import torch
 from .. import backends
 from . import candidates, distributed
 from .counting import MODES
-from .report import RichProgress, plot, print_table
+from .report import RichProgress, markdown_table, plot, print_table
 from .report import console as report_console
 from .runner import Plan, apply_ceilings, run_case
 from .schema import append_jsonl, run_header, write_json_csv
@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     out = ap.add_argument_group("output ({device} in a path becomes the device's file name, e.g. cpu-amd-epyc)")
     out.add_argument("--out", metavar="STEM", help="write STEM.json and STEM.csv")
     out.add_argument("--plot", metavar="PNG", help="draw latency and efficiency against tokens")
+    out.add_argument("--markdown", metavar="MD", help="write the table as Markdown (title, table, ceilings)")
     out.add_argument("--results-dir", default="bench/results", help="where <device>.jsonl gets the rows")
     out.add_argument("--no-record", action="store_true", help="do not append to the results .jsonl")
     out.add_argument("--no-progress", action="store_true")
@@ -233,6 +234,11 @@ def report(rows: list[dict], args, header: dict) -> None:
     if args.out:
         j, c = write_json_csv(rows, _path(args.out, header))
         console.print(f"wrote {j} and {c}")
+    if args.markdown:
+        md = Path(_path(args.markdown, header))
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(f"{title}\n\n{markdown_table(rows)}\n\nCeilings measured in this run: {_ceilings_line(rows)}.\n")
+        console.print(f"wrote {md}")
     if args.plot:
         if any(r["status"] == "ok" for r in rows):
             console.print(f"wrote {plot(rows, _path(args.plot, header), title)}")

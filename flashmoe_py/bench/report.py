@@ -118,7 +118,7 @@ def print_table(rows: list[dict], title: str, out=None) -> None:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The same numbers as a Markdown table (for the README)."""
+    """The same numbers as a Markdown table (for the README); `ops` are top-level aten calls per call."""
     head = "| case | candidate | median ms | p20-p80 ms | tok/s | FLOP/s | roofline | vs best | ops | peak MiB |"
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
