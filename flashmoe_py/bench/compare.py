@@ -46,8 +46,9 @@ def main(argv=None) -> int:
     ap.add_argument("a", help="baseline result file (.json from --out, or a results .jsonl)")
     ap.add_argument("b", help="result file to compare with it")
     args = ap.parse_args(argv)
-    from rich.console import Console
     from rich.table import Table
+
+    from .report import console as make_console
 
     a, b = read_rows(args.a), read_rows(args.b)
     t = Table(title=f"B / A: {args.b} vs {args.a} (ratio < 1: B faster)")
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
         shape, _, _, _, _, tokens, dtype, mode, ws, transport, cand = key
         t.add_row(shape, str(tokens), dtype, mode, str(ws), cand, _cell(ra), _cell(rb),
                   "" if r is None else f"{r:.2f}")
-    console = Console()
+    console = make_console()
     console.print(t)
     if logs:
         console.print(f"geometric mean B/A over {len(logs)} rows timed in both: {math.exp(sum(logs) / len(logs)):.3f}")

@@ -57,12 +57,19 @@ def _ms(v: float | None) -> str:
     return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
 
 
-def case_label(row: dict) -> str:
+def case_label(row: dict, with_dtype_mode: bool = False) -> str:
     c = row["config"]
     label = f"{c['shape']} T={c['tokens']}"
+    if with_dtype_mode:
+        label += f" {c['dtype']} {c['mode']}"
     if c["world_size"] > 1:
         label += f" x{c['world_size']} ranks"
     return label
+
+
+def _varied(rows: list[dict]) -> bool:
+    """Whether the rows span several dtypes or modes (then every case label names its own)."""
+    return len({(r["config"]["dtype"], r["config"]["mode"]) for r in rows}) > 1
 
 
 def table(rows: list[dict], title: str):
@@ -80,9 +87,9 @@ def table(rows: list[dict], title: str):
     if distributed:
         t.add_column("wire MB (min)", justify="right")
     t.add_column("status", overflow="fold", max_width=48)
-    last = None
+    last, varied = None, _varied(rows)
     for r in rows:
-        m, label = r["metrics"], case_label(r)
+        m, label = r["metrics"], case_label(r, varied)
         if last is not None and label != last:
             t.add_section()
         ok = r["status"] == "ok"
@@ -121,12 +128,13 @@ def markdown_table(rows: list[dict]) -> str:
     """The same numbers as a Markdown table (for the README); `ops` are top-level aten calls per call."""
     head = "| case | candidate | median ms | p20-p80 ms | tok/s | FLOP/s | roofline | vs best | ops | peak MiB |"
     out = [head, "|" + "---|" * (head.count("|") - 1)]
+    varied = _varied(rows)
     for r in rows:
-        m = r["metrics"]
+        m, label = r["metrics"], case_label(r, varied)
         if r["status"] != "ok":
-            out.append(f"| {case_label(r)} | {r['candidate']} | {r['status']}: {r['reason']} | | | | | | | |")
+            out.append(f"| {label} | {r['candidate']} | {r['status']}: {r['reason']} | | | | | | | |")
             continue
-        out.append(f"| {case_label(r)} | {r['candidate']} | {_ms(m['latency_ms_median'])} | "
+        out.append(f"| {label} | {r['candidate']} | {_ms(m['latency_ms_median'])} | "
                    f"{_ms(m['latency_ms_p20'])}-{_ms(m['latency_ms_p80'])} | {_si(m['tokens_per_s'])} | "
                    f"{_si(m['tflops'] * 1e12)} | {100 * m['roofline_efficiency']:.1f}% {m['bound']} | "
                    f"{m['speedup_vs_best_baseline']:.2f}x | {m['aten_ops']} | {m['peak_mem_bytes'] / 2**20:.1f} |")
