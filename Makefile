@@ -3,6 +3,7 @@
 #   VENV_ARGS   extra `python -m venv` flags (gpu-check uses --system-site-packages to see the image's torch)
 #   TORCH_SPEC  the torch installed when the venv has none (the CPU build on disk here)
 #   PIP_DEPS    --no-deps on machines without a package registry (gpu-check)
+#   BENCH_ARGS  extra flashmoe-bench options for `make bench`
 # `make compile-check` compiles every Triton kernel for sm_90 and sm_80 without a GPU (part of `make test`);
 # `make gpu-check` is for a GPU machine with torch + triton preinstalled and no network: gpu tests + benchmark.
 
@@ -29,6 +30,12 @@ install: $(INSTALLED)
 test: $(INSTALLED) compile-check
 	$(PY) -m pytest -q
 
+# The default sweep on whatever device is present: a table, rows appended to bench/results/<device>.jsonl,
+# and <device>.json/.csv/.png/.md beside them. BENCH_ARGS adds options (flashmoe-bench --help).
+BENCH_ARGS ?=
+BENCH := $(VENV)/bin/flashmoe-bench --out 'bench/results/{device}' --plot 'bench/results/{device}.png' \
+	--markdown 'bench/results/{device}.md'
+
 compile-check: $(INSTALLED)
 	$(PY) -m flashmoe_py.triton_compile_check
 
@@ -44,11 +51,11 @@ gpu-check-run: $(INSTALLED)
 		'| triton', triton.__version__)" > $(RESULTS)-device.txt
 	cat $(RESULTS)-device.txt
 	$(PY) -m pytest -q -m "gpu or interpreter" > $(RESULTS)-tests.txt 2>&1; s=$$?; cat $(RESULTS)-tests.txt; \
-	$(VENV)/bin/flashmoe-bench > $(RESULTS)-bench.txt 2>&1; b=$$?; cat $(RESULTS)-bench.txt; \
+	$(BENCH) $(BENCH_ARGS) > $(RESULTS)-bench.txt 2>&1; b=$$?; cat $(RESULTS)-bench.txt; \
 	test $$s -eq 0 && test $$b -eq 0
 
 bench: $(INSTALLED)
-	$(VENV)/bin/flashmoe-bench
+	$(BENCH) $(BENCH_ARGS)
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
