@@ -31,10 +31,23 @@ def _linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     return torch.mm(rows, weight) if bias is None else torch.addmm(bias, rows, weight)
 
 
-def expert_block(rows: torch.Tensor, e: int, params: MoEParams, activation: str) -> torch.Tensor:
-    """rows [n, H] of local expert e -> y [n, H], both in the layer dtype."""
-    h = apply_activation(_linear(rows, params.w_up[e], None if params.b_up is None else params.b_up[e]), activation)
-    return _linear(h, params.w_down[e], None if params.b_down is None else params.b_down[e])
+def per_expert(params: MoEParams) -> list[tuple]:
+    """(w_up[e], b_up[e] | None, w_down[e], b_down[e] | None) for every local expert, as views.
+
+    Taken with one `unbind` per tensor rather than `w_up[e]` in the loop: the backward of an unbind
+    stacks the experts' gradients once, while each indexing op's backward would materialise a zero
+    gradient of the whole [E, ...] tensor, O(E^2) memory traffic per backward.
+    """
+    def split(t):
+        return t.unbind(0) if t is not None else (None,) * params.w_up.shape[0]
+
+    return list(zip(split(params.w_up), split(params.b_up), split(params.w_down), split(params.b_down)))
+
+
+def expert_block(rows: torch.Tensor, weights: tuple, activation: str) -> torch.Tensor:
+    """rows [n, H] of one expert, weights = per_expert(params)[e] -> y [n, H], both in the layer dtype."""
+    w_up, b_up, w_down, b_down = weights
+    return _linear(apply_activation(_linear(rows, w_up, b_up), activation), w_down, b_down)
 
 
 def use_grouped_mm(rows: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> bool:
@@ -62,9 +75,10 @@ def expert_ffn(rows: torch.Tensor, counts: torch.Tensor, params: MoEParams, acti
         y = F.grouped_mm(apply_activation(pre, activation), params.w_down, offs=offs)
         return y if params.b_down is None else y + params.b_down[expert_of_row]
     outs, start = [], 0
+    experts = per_expert(params)
     for e, n in enumerate(counts.tolist()):  # the loop splits by host-side counts: one sync, on purpose
         if n:
-            outs.append(expert_block(rows[start:start + n], e, params, activation))
+            outs.append(expert_block(rows[start:start + n], experts[e], activation))
             start += n
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -97,11 +111,12 @@ def routed_experts(x: torch.Tensor, order: ExpertOrder, weights: torch.Tensor, p
     weight_of_row = weights.reshape(-1)[order.order].unsqueeze(1)
     out = torch.zeros(x.shape, dtype=weights.dtype, device=x.device)
     start = 0
+    experts = per_expert(params)
     for e, n in enumerate(order.counts.tolist()):  # one host read of the counts
         if n == 0:
             continue
         tokens = token_of_row[start:start + n]
-        y = expert_block(x.index_select(0, tokens), e, params, cfg.activation)
+        y = expert_block(x.index_select(0, tokens), experts[e], cfg.activation)
         out.index_add_(0, tokens, y.to(weights.dtype) * weight_of_row[start:start + n])
         start += n
     return out

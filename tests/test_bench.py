@@ -21,7 +21,7 @@ from flashmoe_py.bench.compare import pair_rows, ratio
 from flashmoe_py.bench.runner import Plan, run_case
 from flashmoe_py.bench.shapes import PRESETS, Case, scaled
 from flashmoe_py.bench.timing import Ceilings
-from flashmoe_py.reference import expert_block
+from flashmoe_py.reference import expert_block, per_expert
 from flashmoe_py.routing import route
 
 CPU = torch.device("cpu")
@@ -318,9 +318,10 @@ class FakeEPLayer(torch.nn.Module):
         p = MoEParams(self.router_weight, self.w_up, self.w_down)
         out = torch.zeros(xs.shape, dtype=torch.float32)
         el = cfg.num_experts // w
+        experts = per_expert(p)
         for e in range(el):
             weight = (r.topk_weights * (r.topk_ids == self.rank * el + e)).sum(-1, keepdim=True)
-            out += weight * expert_block(xs, e, p, cfg.activation).float()
+            out += weight * expert_block(xs, experts[e], cfg.activation).float()
         dist.all_reduce(out, group=self.pg)
         t = x.shape[0]
         self.stats = MoEStats(torch.zeros(0), torch.zeros(()), bytes_sent=2 * (w - 1) * x.numel() * x.element_size())
