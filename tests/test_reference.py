@@ -249,3 +249,23 @@ def test_nan_propagates_to_its_token_only(seed):
     clean = torch.cat([x[:4], x[5:]])
     # Not bit-equal: the per-expert matmuls see one row fewer, which may change BLAS blocking.
     assert_close(torch.cat([out[:4], out[5:]]), fm.moe(clean, params, cfg).out, torch.float64, "clean tokens")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_grouped_mm_inference_path(dtype, seed):
+    # Decode-sized inference on CPU takes torch grouped_mm (few rows per expert, no autograd): it must give
+    # what the per-token implementation gives, with experts that get no rows among them.
+    from flashmoe_py.reference import use_grouped_mm
+
+    cfg = fm.MoEConfig(hidden_size=32, ffn_hidden_size=16, num_experts=16, top_k=2, bias=True)
+    params = random_params(cfg, dtype)
+    x = torch.randn(12, cfg.hidden_size).to(dtype)
+    with torch.no_grad():
+        assert use_grouped_mm(12 * 2, x, fm.MoEParams.from_mapping(params))
+        got = fm.moe(x, params, cfg)
+    assert (got.stats.tokens_per_expert == 0).any()
+    ref = per_token_moe(x.double(), {n: t.double() for n, t in params.items()}, cfg)
+    assert_close(got.out, ref["out"], dtype, "out")
+    # With autograd recording the loop runs instead (grouped_mm's CPU backward rejects empty experts).
+    leaf = {n: t.clone().requires_grad_() for n, t in params.items()}
+    assert not use_grouped_mm(12 * 2, x, fm.MoEParams.from_mapping(leaf))
