@@ -50,6 +50,11 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     return check(device) if check is not None else None
 
 
+def built_backends() -> tuple[str, ...]:
+    """The backends this build of flashmoe_py includes, whether or not they can run on this machine."""
+    return tuple(n for n in BACKEND_NAMES if n in _REGISTRY)
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     device = torch.device(device)
     return [n for n in BACKEND_NAMES if unavailable_reason(n, device) is None]
