@@ -360,13 +360,16 @@ def test_world_size_2_cli_reports_every_transport(tmp_path, capsys):
             "--out", str(tmp_path / "ep"), "--results-dir", str(tmp_path)]
     cli.main(argv)
     rows = schema.read_rows(tmp_path / "ep.json")
-    assert [r["candidate"] for r in rows] == ["reference/alltoall", "reference/shm", "reference/mpi"]
-    for r in rows:
-        # Until expert parallelism lands the layer refuses a process group; each row must say so, not vanish.
-        assert r["status"] in ("ok", "unavailable", "error", "failed"), r
-        if r["status"] == "ok":
-            assert r["metrics"]["wire_bytes"] is not None and r["metrics"]["wire_min_bytes"] > 0
-        else:
-            assert r["reason"].startswith("rank ")
+    by = {r["candidate"]: r for r in rows}
+    assert list(by)[:3] == ["reference/alltoall", "reference/shm", "reference/mpi"]
+    # Spawned gloo ranks run alltoall and shm; mpi needs mpirun, and triton needs a GPU on this machine:
+    # those rows must say why rather than vanish.
+    for name in ("reference/alltoall", "reference/shm"):
+        assert by[name]["status"] == "ok", by[name]
+        assert by[name]["metrics"]["wire_bytes"] >= by[name]["metrics"]["wire_min_bytes"] > 0
+    assert by["reference/mpi"]["status"] == "unavailable" and "mpirun" in by["reference/mpi"]["reason"]
+    for name, r in by.items():
+        if name.startswith("triton/") and not torch.cuda.is_available():
+            assert r["status"] == "unavailable" and r["reason"].startswith("rank "), r
     assert "wire MB (min)" in capsys.readouterr().out
     assert not math.isnan(rows[0]["metrics"]["flops"])

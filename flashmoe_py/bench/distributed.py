@@ -2,12 +2,12 @@
 the launched ranks are used (NCCL on GPUs, gloo on CPUs).
 
 Each rank builds the same weights (same seed), draws its own tokens, and for every transport constructs
-`FusedMoE(cfg, backend=b, process_group=pg, transport=t)` holding its slice of the experts. A
-construction or forward that raises on any rank makes that transport's row `unavailable` (or `error`)
-with the reason -- never a silent drop. The gate compares each rank's output with the single-process
-reference on that rank's tokens (and in the bwd modes dx and the local experts' weight gradients, summed
-over ranks); the worst rank decides. Timing: each round, for each transport, barrier -> timed call -> the
-per-call time is the slowest rank's. Wire bytes: `layer.stats.bytes_sent` summed over ranks, against the
+`FusedMoE(cfg, backend=b, process_group=pg, transport=t)` holding its slice of the experts. A backend
+that cannot run here or a construction that raises on any rank makes that row `unavailable`, a forward
+that raises makes it `error`, with the reason -- never a silent drop. The gate compares each rank's output
+with the single-process reference on that rank's tokens (and in the bwd modes dx and the local experts'
+weight gradients, summed over ranks); the worst rank decides. Timing: each round, for each transport,
+barrier -> timed call -> the per-call time is the slowest rank's. Wire bytes: `layer.stats.bytes_sent` summed over ranks, against the
 least any transport must move (counting.py). Ceilings are measured on all ranks at once and summed.
 Rows are built on rank 0.
 """
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .. import backends as registry
 from ..layer import FusedMoE
 from ..routing import route
 from . import counting
@@ -186,9 +187,12 @@ def run_cases(cases: list[Case], backends: list[str], transports: list[str], dev
             name = f"{b}/{t}"
             progress.describe(f"{case.shape} T={case.tokens} x{world} ranks: checking {name}")
             status, reason, err, wire = None, None, None, None
+            backend_reason = registry.unavailable_reason(b, pb.device)
             try:
+                if backend_reason is not None:  # the layer would only find out at its first forward
+                    raise registry.BackendUnavailable(f"backend={b!r} cannot run on {pb.device}: {backend_reason}")
                 impl = _build_layer(pb, b, t, pg, rank, world, factory)
-            except Exception as e:  # the layer cannot run this transport here (today: no expert parallelism)
+            except Exception as e:  # the layer cannot run this backend or transport here
                 status, reason = "unavailable", f"{type(e).__name__}: {e}"
             status, reason = _agree(status, reason, rank, world)
             if status is None:
