@@ -2,14 +2,14 @@
 the launched ranks are used (NCCL on GPUs, gloo on CPUs).
 
 Each rank builds the same weights (same seed), draws its own tokens, and for every transport constructs
-`FusedMoE(cfg, backend=b, process_group=pg, transport=t)` holding its slice of the experts. A backend
-that cannot run here or a construction that raises on any rank makes that row `unavailable`, a forward
-that raises makes it `error`, with the reason -- never a silent drop. The gate compares each rank's output
-with the single-process reference on that rank's tokens (and in the bwd modes dx and the local experts'
-weight gradients, summed over ranks); the worst rank decides. Timing: each round, for each transport,
-barrier -> timed call -> the per-call time is the slowest rank's. Wire bytes: `layer.stats.bytes_sent`
-summed over ranks, against the least any transport must move (counting.py). Ceilings are measured on all ranks at once and summed.
-Rows are built on rank 0.
+`FusedMoE(cfg, backend=b, process_group=pg, transport=t)` holding its slice of the experts. A backend that
+cannot run here or a construction that raises on any rank makes that row `unavailable`, a forward that raises
+makes it `error`, with the reason -- never a silent drop. The gate compares each rank's output with the
+single-process reference on that rank's tokens (and in the bwd modes dx and the local experts' weight
+gradients, summed over ranks); the worst rank decides. Timing: each round, for each transport, barrier ->
+timed call -> the per-call time is the slowest rank's. Wire bytes: `layer.stats.bytes_sent` summed over ranks,
+against the least any transport must move (counting.py). Ceilings are measured on all ranks at once and
+summed. Rows are built on rank 0.
 """
 
 from __future__ import annotations
