@@ -89,7 +89,7 @@ def unsupported_reason(cfg: MoEConfig, expert_parallel=None) -> Optional[str]:
     if cfg.capacity_factor is not None:
         return ("capacity_factor is set, and the fused kernel is dropless only (capacity keeps each expert's best "
                 "assignments, a per-expert ranking the kernel does not do); use backend='triton'")
-    if expert_parallel is not None and expert_parallel.transport not in ONE_SIDED:
+    if expert_parallel is not None and expert_parallel.world_size > 1 and expert_parallel.transport not in ONE_SIDED:
         return (f"transport={expert_parallel.transport!r}: the fused kernel puts rows from the device into a "
                 f"symmetric heap, so it needs transport='shm' (CPU, under the interpreter) or 'nvshmem' (GPU)")
     return None
@@ -150,9 +150,9 @@ class FusedState:
         item = dtype.itemsize
         alloc = torch.device("meta") if meta else self.device
 
-        if world == 1:
-            # No peers: the signal words and one slab (the own RETURN slab, where results are combined from);
-            # DISPATCH offsets alias it, nothing is ever staged for another rank.
+        if heap is None and world == 1:
+            # No heap needed (no peers): the signal words and one slab, the own RETURN slab where results are
+            # combined from; DISPATCH offsets alias it (nothing is ever staged for another rank).
             layout = HeapLayout(1, e, max(1, tokens_cap * k), h * item)
             size = layout.data_offset(0, 0) + layout.slab_bytes
             self._segment = torch.zeros(size, dtype=torch.uint8, device=alloc)
@@ -200,6 +200,13 @@ class FusedState:
         self.true = torch.ones((), dtype=torch.bool, device=alloc)  # expanded into Routing.kept: no launch
         self._h = None  # W > 1: the h buffer [max_rows, I], kept (h is not saved for backward there)
 
+    def poison_results(self) -> None:
+        """FLASHMOE_DEBUG_POISON: NaN into this rank's RETURN slabs before a launch, so a result row the combine
+        reads before anyone wrote it shows up. (Peers write them only after this rank's dispatch, so this
+        never races with a peer; the DISPATCH slabs are left alone: a faster peer may be filling them.)"""
+        start = self.data[1]
+        self.heap_rows[start:start + self.world * self.slab_elems].fill_(float("nan"))
+
     def h_buffer(self, rows: int) -> torch.Tensor:
         inner = self.cfg.ffn_hidden_size
         if self.world == 1:
@@ -246,6 +253,9 @@ def _state(cfg: MoEConfig, dtype: torch.dtype, device: torch.device, ep, num_tok
         states = ep.backend_state
         if key not in states:
             layout = ep.layout_for(dtype)
+            if ep.world_size == 1 and ep.transport not in ONE_SIDED:
+                states[key] = FusedState(cfg, dtype, device, ep.max_tokens_per_rank, ep.timeout_s)
+                return states[key]
             if ep.transport == "shm":
                 from .dist.shm import ShmHeap
                 heap = ShmHeap(layout, ep.group)
@@ -320,7 +330,7 @@ def _prepare(state: FusedState, call: _Call, target: str, nprog: int, puts: str)
     dev, acc = x.device, _acc_dtype(x.dtype)
     act, gated = _GATE_ACT[cfg.activation]
     regime = configs.regime(t * k, e)
-    bm, bn0, bk0, bn1, bk1, warps, stages = configs.fused_config(target, regime, x.dtype.itemsize)
+    bm, bn0, bk0, bn1, bk1, warps, stages = configs.fused_config(target, regime, x.dtype.itemsize, puts)
     aux = configs.FUSED_AUX[target]
     e_pad = max(16, _pow2(e))
     bt = configs.fused_block_t(target, e_pad)
@@ -329,8 +339,13 @@ def _prepare(state: FusedState, call: _Call, target: str, nprog: int, puts: str)
     if nb > state.max_blocks or t > state.tokens_cap:
         raise ValueError(f"x: {t} tokens exceed the fused state's {state.tokens_cap}")
 
+    poison = env.debug_poison() and not _PLANNING
+
     def out(shape, dtype):
-        return torch.empty(shape, dtype=dtype, device=dev)
+        t = torch.empty(shape, dtype=dtype, device=dev)
+        if poison and t.numel():  # tests: an element the kernel forgets to write shows up
+            t.fill_(float("nan") if dtype.is_floating_point else -2**30)
+        return t
 
     given = call.routing_mode == "given"
     ids = call.ids if given else out((t, k), torch.int64)
@@ -339,6 +354,9 @@ def _prepare(state: FusedState, call: _Call, target: str, nprog: int, puts: str)
     logits = call.route_in if call.routing_mode == "logits" else (out((t, e), acc) if not given else None)
     order, slot_of = out((t * k,), torch.int32), out((t * k,), torch.int32)
     h = state.h_buffer(rows)
+    if poison:
+        h.fill_(float("nan"))
+        state.poison_results()
     pre = out((rows, cfg.up_size), x.dtype) if call.save else None
     stats, losses = out((e + 2 + w,), torch.int64), out((3,), acc)
     res = dict(out=out((t, hidden), x.dtype), ids=ids, weights=wts, scores=scores, logits=logits, order=order,
@@ -593,8 +611,10 @@ def moe_forward(x2d: torch.Tensor, params: MoEParams, cfg: MoEConfig, routing: O
 
     stats_t = res["stats"]
     w = state.world
-    stats = MoEStats(tokens_per_expert=stats_t[:e], dropped=stats_t[e], bytes_sent=stats_t[e + 1] if w > 1 else 0,
-                     rows_per_peer=stats_t[e + 2:e + 2 + w] if w > 1 else None, kernel_launches=run.launches,
+    distributed = ep is not None
+    stats = MoEStats(tokens_per_expert=stats_t[:e], dropped=stats_t[e],
+                     bytes_sent=stats_t[e + 1] if distributed else 0,
+                     rows_per_peer=stats_t[e + 2:e + 2 + w] if distributed else None, kernel_launches=run.launches,
                      host_syncs=0)
     if mode == "given":
         lb, z, aux = res["losses"][0], res["losses"][1], res["losses"][2]

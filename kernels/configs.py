@@ -70,6 +70,7 @@ AUX_WARPS = 4
 # derived from the unfused up/down entries above.
 FUSED = {
     ("sm_90", "prefill"): {2: (128, 64, 64, 128, 64, 8, 3), 4: (128, 64, 32, 64, 32, 8, 3)},
+    ("sm_90", "nvshmem"): {2: (128, 32, 64, 64, 64, 8, 3), 4: (128, 32, 32, 64, 32, 8, 3)},
     ("sm_90", "decode"): {2: (64, 64, 128, 64, 128, 4, 3), 4: (64, 32, 64, 64, 64, 4, 3)},
     ("sm_80", "prefill"): {2: (128, 64, 32, 64, 32, 8, 3), 4: (64, 64, 32, 64, 32, 4, 3)},
     ("sm_80", "decode"): {2: (16, 64, 128, 64, 128, 4, 3), 4: (16, 64, 64, 64, 64, 4, 3)},
@@ -88,12 +89,16 @@ FUSED_MIN_BLOCK_M = 16  # the smallest BLOCK_M above: sizes the tile counters of
 FUSED_MIN_BT = 16
 
 
-def fused_config(target: str, regime_name: str, itemsize: int) -> tuple[int, int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N0, BLOCK_K0, BLOCK_N1, BLOCK_K1, num_warps, num_stages) of the fused kernel."""
+def fused_config(target: str, regime_name: str, itemsize: int,
+                 puts: str = "ptr") -> tuple[int, int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N0, BLOCK_K0, BLOCK_N1, BLOCK_K1, num_warps, num_stages) of the fused kernel. With NVSHMEM
+    puts the library's device code raises register pressure: narrower tiles there (the "nvshmem" row)."""
     if target == "interpreter":
         return FUSED_INTERPRETER
     if itemsize == 8:
         return FUSED_FP64
+    if puts == "nvshmem" and (target, "nvshmem") in FUSED:
+        return FUSED[(target, "nvshmem")][itemsize]
     return FUSED[(target, regime_name)][itemsize]
 
 

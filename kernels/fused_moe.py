@@ -64,7 +64,9 @@ _COMBINE = tl.constexpr(5)
 # sync words (int32): header, then two halves of per-launch counters. Half layout (offsets in a half):
 #   CLAIM[5] task claim counters per phase, ROUTE_DONE, ROUTED flag, DONE (finished programs),
 #   READY[W] source s decoded, WRITTEN[E] rows staged per global expert, PKT[E] finished GEMM1 tiles per
-#   received packet (source * E_local + expert), TILE[G_MAX] finished GEMM0 column tiles per row tile.
+#   received packet (source * E_local + expert), RCOUNT[E] the received packet counts (copied by RECV: a
+#   peer that has finished this launch may already overwrite its signal words with the next launch's),
+#   TILE[G_MAX] finished GEMM0 column tiles per row tile.
 SYNC_HEADER = 8
 _EPOCH = tl.constexpr(0)
 _ABORT = tl.constexpr(1)
@@ -77,8 +79,8 @@ _READY = tl.constexpr(8)
 
 
 def half_words(world: int, num_experts: int, max_tiles: int) -> int:
-    """int32 words of one half of `sync` (READY, WRITTEN, PKT and TILE follow the fixed counters)."""
-    return SYNC_HEADER + world + 2 * num_experts + max_tiles
+    """int32 words of one half of `sync` (READY, WRITTEN, PKT, RCOUNT and TILE follow the fixed counters)."""
+    return SYNC_HEADER + world + 3 * num_experts + max_tiles
 
 
 # Status codes (status[0]); the host names them.
@@ -407,10 +409,10 @@ def _dispatch_task(b, x_ptr, ids_ptr, order_ptr, slot_ptr, table_ptr, counts_ptr
 @triton.jit
 def _recv_task(s, sync_ptr, half, status_addr, stats_ptr, heap_words, words_delta_ptr, heap_addr,
                me, seq, slab_rows, sig0, sig1, limit,
-               PUTS: tl.constexpr, USE_TIMER: tl.constexpr, E: tl.constexpr, EL: tl.constexpr,
+               PUTS: tl.constexpr, USE_TIMER: tl.constexpr, W: tl.constexpr, E: tl.constexpr, EL: tl.constexpr,
                ROW_BYTES: tl.constexpr, EL_PAD: tl.constexpr):
-    """Wait for source s's DISPATCH signals (every packet, empty ones too), check the counts, signal s's
-    empty return packets, count the return bytes, mark s ready."""
+    """Wait for source s's DISPATCH signals (every packet, empty ones too), check the counts and copy them to
+    RCOUNT, signal s's empty return packets, count the return bytes, mark s ready."""
     routed = _wait_counter(half + _ROUTED, 1, sync_ptr, limit, USE_TIMER)  # stats are written before it
     ev = tl.arange(0, EL_PAD)
     e_ok = ev < EL
@@ -422,6 +424,7 @@ def _recv_task(s, sync_ptr, half, status_addr, stats_ptr, heap_words, words_delt
     total = tl.sum(cnt, 0)
     if arrived & (total > slab_rows):
         _fail(sync_ptr, status_addr, _ST_COUNT, me, s, 0, -1, slab_rows, total)
+    tl.store(half + _READY + W + 2 * E + s * EL + ev, cnt.to(tl.int32), mask=e_ok)
     if routed & arrived & (total <= slab_rows):
         if s != me:
             tl.atomic_add(stats_ptr + E + 1, total.to(tl.int64) * ROW_BYTES + EL * 8)
@@ -438,7 +441,7 @@ def _recv_task(s, sync_ptr, half, status_addr, stats_ptr, heap_words, words_delt
 
 
 @triton.jit
-def _decode(g, sync_ptr, half, heap_words, me, sig0, limit,
+def _decode(g, sync_ptr, half, me, limit,
             USE_TIMER: tl.constexpr, W: tl.constexpr, EL: tl.constexpr, EL_PAD: tl.constexpr, BM: tl.constexpr):
     """Row tile g of the received packets -> (found, source, local expert, tile of the packet, packet rows,
     first slab row of the packet, first h row of the source). found = 0 past the last tile (every source
@@ -460,8 +463,7 @@ def _decode(g, sync_ptr, half, heap_words, me, sig0, limit,
         if found == 0:
             ready = _wait_counter(half + _READY + s, 1, sync_ptr, limit, USE_TIMER)
             if ready & (tl.load(sync_ptr + _ABORT, volatile=True) == 0):
-                w = tl.load(heap_words + sig0 + s * EL + ev, mask=e_ok, other=0)
-                cnt = tl.where(e_ok, w & _MASK32, 0).to(tl.int32)
+                cnt = tl.load(half + _READY + W + 2 * (W * EL) + s * EL + ev, mask=e_ok, other=0)
                 tiles = (cnt + BM - 1) // BM
                 tot = tl.sum(tiles, 0)
                 if g < base_t + tot:
@@ -529,7 +531,7 @@ def _gemm0_task(g, n0, s, el, m, n_e, pst, hbase, half, x_ptr, order_ptr, gstart
         h = h * acc_u
     tl.store(h_ptr + hrow[:, None] * INNER + cols[None, :], h.to(out_ty), mask=mask)
     tl.debug_barrier()
-    tl.atomic_add(half + _READY + W + 2 * (W * EL) + g, 1, sem="release", scope="gpu")
+    tl.atomic_add(half + _READY + W + 3 * (W * EL) + g, 1, sem="release", scope="gpu")
 
 
 @triton.jit
@@ -701,10 +703,10 @@ def fused_moe_kernel(
             if c < W:
                 _recv_task((me + c) % W, sync_ptr, half, status_addr, stats_ptr, heap_words, words_delta_ptr,
                            heap_addr, me, seq, slab_rows, sig0, sig1, limit,
-                           PUTS, USE_TIMER, E, EL, ROW_BYTES, EL_PAD)
+                           PUTS, USE_TIMER, W, E, EL, ROW_BYTES, EL_PAD)
             else:
                 g = (c - W) // nb0
-                found, s, el, m, n_e, pst, hb = _decode(g, sync_ptr, half, heap_words, me, sig0, limit,
+                found, s, el, m, n_e, pst, hb = _decode(g, sync_ptr, half, me, limit,
                                                         USE_TIMER, W, EL, EL_PAD, BM)
                 if found == 1:
                     if g < G_MAX:
@@ -724,10 +726,10 @@ def fused_moe_kernel(
         go = c >= 0
         while go:
             g = c // nb1
-            found, s, el, m, n_e, pst, hb = _decode(g, sync_ptr, half, heap_words, me, sig0, limit,
+            found, s, el, m, n_e, pst, hb = _decode(g, sync_ptr, half, me, limit,
                                                     USE_TIMER, W, EL, EL_PAD, BM)
             if found == 1:
-                if _wait_counter(half + _READY + W + 2 * (W * EL) + g, nb0, sync_ptr, limit, USE_TIMER):
+                if _wait_counter(half + _READY + W + 3 * (W * EL) + g, nb0, sync_ptr, limit, USE_TIMER):
                     _gemm1_task(g, c % nb1, s, el, m, n_e, pst, hb, half, heap_rows, heap_words, rows_delta_ptr,
                                 words_delta_ptr, heap_addr, h_ptr, w_down_ptr, b_down_ptr, H, INNER, me, seq,
                                 slab_elems, data0, data1, sig1, nb1,

@@ -13,7 +13,7 @@ declare void @nvshmem_quiet()
 ; NVSHMEM_SIGNAL_SET (device_host_transport/nvshmem_common_transport.h)
 @flashmoe_signal_set_op = private constant i32 9
 
-define i32 @flashmoe_putmem_signal_block(i64 %dst, i64 %src, i64 %nbytes, i64 %sig, i64 %value, i32 %pe) {
+define i32 @flashmoe_putmem_signal_block(i64 %dst, i64 %src, i64 %nbytes, i64 %sig, i64 %value, i32 %pe) noinline {
   %d = inttoptr i64 %dst to ptr
   %s = inttoptr i64 %src to ptr
   %g = inttoptr i64 %sig to ptr
@@ -22,7 +22,7 @@ define i32 @flashmoe_putmem_signal_block(i64 %dst, i64 %src, i64 %nbytes, i64 %s
   ret i32 0
 }
 
-define i32 @flashmoe_signal_set(i64 %sig, i64 %value, i32 %pe) {
+define i32 @flashmoe_signal_set(i64 %sig, i64 %value, i32 %pe) noinline {
   %g = inttoptr i64 %sig to ptr
   %op = load i32, ptr @flashmoe_signal_set_op
   call void @nvshmemx_signal_op(ptr %g, i64 %value, i32 %op, i32 %pe)
