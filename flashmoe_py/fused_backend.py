@@ -218,8 +218,8 @@ class FusedState:
     def check(self) -> None:
         """Raise the error of an earlier launch that gave up waiting (GPU: seen from the next call, no sync)."""
         if self.failed is not None:
-            raise RuntimeError(f"rank {self.rank}: an earlier fused forward failed ({self.failed}); the heap's sequence "
-                               "numbers no longer agree across ranks: recreate the layer on every rank")
+            raise RuntimeError(f"rank {self.rank}: an earlier fused forward failed ({self.failed}); the heap's "
+                               "sequence numbers no longer agree across ranks: recreate the layer on every rank")
         code = int(self.status[0])
         if code:
             self.failed = self._describe(code, self.status.tolist())
@@ -366,8 +366,8 @@ def _prepare(state: FusedState, call: _Call, target: str, nprog: int, puts: str)
     timer = target != "interpreter"
     limit = int(state.timeout_s * 1e9) if timer else max(1, int(state.timeout_s / INTERPRETER_SPIN_S))
     router = p.router_weight
-    native = (not given and router is not None and router.dtype == x.dtype and x.dtype in (torch.bfloat16, torch.float16)
-              and target != "interpreter")
+    native = (not given and router is not None and router.dtype == x.dtype
+              and x.dtype in (torch.bfloat16, torch.float16) and target != "interpreter")
     args = dict(
         out_ptr=res["out"], ids_ptr=ids, wts_ptr=wts, scores_ptr=scores, logits_ptr=logits, order_ptr=order,
         slot_ptr=slot_of, h_ptr=h, pre_ptr=pre, stats_ptr=stats, loss_ptr=losses,
@@ -388,7 +388,8 @@ def _prepare(state: FusedState, call: _Call, target: str, nprog: int, puts: str)
         HAS_EBIAS=cfg.expert_bias and not given, RENORM=cfg.renormalize, ITEM=x.dtype.itemsize,
         ROW_BYTES=hidden * x.dtype.itemsize, E_PAD=e_pad, EL_PAD=max(2, _pow2(el)), W_PAD=max(2, _pow2(w)),
         K_PAD=max(2, _pow2(k)), G_PAD=max(2, _pow2(cfg.num_expert_groups)), BT=bt, BTC=aux["BTC"], BR=aux["BR"],
-        BH=aux["BH"], CB=aux["CB"], BM=bm, BN0=bn0, BK0=bk0, BN1=bn1, BK1=bk1, EVEN_K0=hidden % bk0 == 0,
+        BH=aux["BH"], CB=aux["CB"], TN0=aux["TN0"], TN1=aux["TN1"], BM=bm, BN0=bn0, BK0=bk0, BN1=bn1, BK1=bk1,
+        EVEN_K0=hidden % bk0 == 0,
         EVEN_K1=inner % bk1 == 0, **_dot_flags(x.dtype, target))
     tags = {"regime": regime, "config": f"{bm}x{bn0}x{bk0}/{bn1}x{bk1} w{warps} s{stages}", "puts": puts}
     return args, constexprs, warps, stages, tags, res

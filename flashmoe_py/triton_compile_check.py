@@ -151,11 +151,11 @@ def _resources(ptx: str, arch: int) -> tuple[int, int]:
 def _compile(job: dict) -> dict:
     """Worker: compile one launch; returns its resources or the error."""
     os.environ.pop("TRITON_INTERPRET", None)
+    import importlib
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    import importlib
 
     kernel = getattr(importlib.import_module(job["module"]), job["kernel"])
     arch = ARCHS[job["target"]]

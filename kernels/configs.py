@@ -79,11 +79,12 @@ FUSED_FP64 = (32, 32, 16, 32, 16, 4, 2)
 FUSED_INTERPRETER = (16, 16, 16, 16, 16, 1, 1)
 # Its other blocks: BT tokens per route/dispatch task (at least 16, the router dot's M; fewer as E grows),
 # BTC tokens per combine task, BR x BH element blocks of packet copies and of the combine, CB rows of the
-# block table per step of the routing barrier's scan.
+# block table per step of the routing barrier's scan, TN0 / TN1 column tiles per GEMM0 / GEMM1 task (a task
+# claims, decodes its row tile and signals once for all of them: a 128x64 tile is only microseconds of work).
 FUSED_AUX = {
-    "sm_90": {"route_elems": 2048, "BTC": 16, "BR": 16, "BH": 128, "CB": 32},
-    "sm_80": {"route_elems": 2048, "BTC": 16, "BR": 16, "BH": 128, "CB": 32},
-    "interpreter": {"route_elems": 128, "BTC": 16, "BR": 16, "BH": 16, "CB": 16},
+    "sm_90": {"route_elems": 2048, "BTC": 16, "BR": 16, "BH": 128, "CB": 32, "TN0": 4, "TN1": 4},
+    "sm_80": {"route_elems": 2048, "BTC": 16, "BR": 16, "BH": 128, "CB": 32, "TN0": 4, "TN1": 4},
+    "interpreter": {"route_elems": 128, "BTC": 16, "BR": 16, "BH": 16, "CB": 16, "TN0": 2, "TN1": 2},
 }
 FUSED_MIN_BLOCK_M = 16  # the smallest BLOCK_M above: sizes the tile counters of the persistent state
 FUSED_MIN_BT = 16

@@ -13,13 +13,14 @@ kind set, here or on a peer rank:
             an expert: the Triton backend's layout); rows bound for other ranks are staged in this rank's
             own DISPATCH slab. The task that completes packet (dst, e) puts it to dst and signals it.
   GEMM0     first W tasks RECV(s): wait for source s's packet signals (seq << 32 | count), signal s's empty
-            return packets, mark s ready. Then tile (g, n0): row tile g of the received packets (sources in
-            the order me, me+1, ...; a tile never spans two packets), inner columns n0:
+            return packets, mark s ready. Then (g, group): row tile g of the received packets (sources in
+            the order me, me+1, ...; a tile never spans two packets), TN0 inner column tiles:
             h = act(x_rows @ w_up[e]) (gated: act(gate) * up), rows gathered from x (own tokens) or read
-            from the receive slab; counts one more finished column tile of row tile g.
-  GEMM1     tile (g, n1): waits until all GEMM0 column tiles of g are done; y = h @ w_down[e] + b_down in
-            the layer dtype, stored in place of the consumed input rows (other sources) or straight into the
-            own RETURN slab (own tokens). The task completing packet (s, e) puts it back to s and signals it.
+            from the receive slab; adds TN0 finished column tiles to row tile g's counter.
+  GEMM1     (g, group): waits until all GEMM0 column tiles of g are done; for TN1 hidden column tiles
+            y = h @ w_down[e] + b_down in the layer dtype, stored in place of the consumed input rows (other
+            sources) or straight into the own RETURN slab (own tokens). The task completing packet (s, e)
+            puts it back to s and signals it.
   COMBINE   token block: waits for every RETURN signal, then out_t = sum_j w_tj * y_tj (fp32, slot order)
             (+ the shared-expert addend).
 
@@ -484,12 +485,13 @@ def _decode(g, sync_ptr, half, me, limit,
 
 
 @triton.jit
-def _gemm0_task(g, n0, s, el, m, n_e, pst, hbase, half, x_ptr, order_ptr, gstart_ptr, heap_rows, w_up_ptr, b_up_ptr,
-                h_ptr, pre_ptr, H, INNER, me, slab_elems, data0,
+def _gemm0_task(g, n_lo, n_hi, s, el, m, n_e, pst, hbase, half, x_ptr, order_ptr, gstart_ptr, heap_rows, w_up_ptr,
+                b_up_ptr, h_ptr, pre_ptr, H, INNER, me, slab_elems, data0,
                 W: tl.constexpr, EL: tl.constexpr, TOPK: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
                 HAS_BIAS: tl.constexpr, SAVE_PRE: tl.constexpr, EVEN_K: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """h[rows of tile g, inner columns n0] = act(rows @ w_up[el] + b_up[el]); then one more column tile of g."""
+    """h[rows of tile g, inner column tiles n_lo..n_hi-1] = act(rows @ w_up[el] + b_up[el]); then counts those
+    column tiles as finished for row tile g."""
     offs_m = tl.arange(0, BM)
     offs_k = tl.arange(0, BK)
     r_loc = m * BM + offs_m
@@ -511,49 +513,45 @@ def _gemm0_task(g, n0, s, el, m, n_e, pst, hbase, half, x_ptr, order_ptr, gstart
         n_up = 2 * INNER
     else:
         n_up = INNER
-    cols = n0 * BN + tl.arange(0, BN)
-    col_ok = cols < INNER
     if HAS_BIAS:
         b_base = b_up_ptr + el.to(tl.int64) * n_up
     else:
         b_base = b_up_ptr
-    acc_g, acc_u = up_tile(a_ptrs, row_ok, w_up_ptr + el.to(tl.int64) * H * n_up, b_base, cols, col_ok, H, INNER,
-                           GATED, HAS_BIAS, EVEN_K, BM, BN, BK, UPCAST, PRECISION)
-    mask = row_ok[:, None] & col_ok[None, :]
     out_ty = h_ptr.dtype.element_ty
-    if SAVE_PRE:
-        pre_ptrs = pre_ptr + hrow[:, None] * n_up + cols[None, :]
-        tl.store(pre_ptrs, acc_g.to(out_ty), mask=mask)
+    for n0 in range(n_lo, n_hi):
+        cols = n0 * BN + tl.arange(0, BN)
+        col_ok = cols < INNER
+        acc_g, acc_u = up_tile(a_ptrs, row_ok, w_up_ptr + el.to(tl.int64) * H * n_up, b_base, cols, col_ok, H,
+                               INNER, GATED, HAS_BIAS, EVEN_K, BM, BN, BK, UPCAST, PRECISION)
+        mask = row_ok[:, None] & col_ok[None, :]
+        if SAVE_PRE:
+            pre_ptrs = pre_ptr + hrow[:, None] * n_up + cols[None, :]
+            tl.store(pre_ptrs, acc_g.to(out_ty), mask=mask)
+            if GATED:
+                tl.store(pre_ptrs + INNER, acc_u.to(out_ty), mask=mask)
+        h = act_fwd(acc_g, ACT)
         if GATED:
-            tl.store(pre_ptrs + INNER, acc_u.to(out_ty), mask=mask)
-    h = act_fwd(acc_g, ACT)
-    if GATED:
-        h = h * acc_u
-    tl.store(h_ptr + hrow[:, None] * INNER + cols[None, :], h.to(out_ty), mask=mask)
+            h = h * acc_u
+        tl.store(h_ptr + hrow[:, None] * INNER + cols[None, :], h.to(out_ty), mask=mask)
     tl.debug_barrier()
-    tl.atomic_add(half + _READY + W + 3 * (W * EL) + g, 1, sem="release", scope="gpu")
+    tl.atomic_add(half + _READY + W + 3 * (W * EL) + g, n_hi - n_lo, sem="release", scope="gpu")
 
 
 @triton.jit
-def _gemm1_task(g, n1, s, el, m, n_e, pst, hbase, half, heap_rows, heap_words, rows_delta_ptr, words_delta_ptr,
-                heap_addr, h_ptr, w_down_ptr, b_down_ptr, H, INNER, me, seq, slab_elems, data0, data1, sig1, NB1,
+def _gemm1_task(g, n_lo, n_hi, s, el, m, n_e, pst, hbase, half, heap_rows, heap_words, rows_delta_ptr,
+                words_delta_ptr, heap_addr, h_ptr, w_down_ptr, b_down_ptr, H, INNER, me, seq, slab_elems, data0,
+                data1, sig1, NB1,
                 PUTS: tl.constexpr, W: tl.constexpr, EL: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
                 ITEM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
                 PRECISION: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr):
-    """y[rows of tile g, hidden columns n1] = h @ w_down[el] + b_down[el] in the layer dtype, stored where the
-    result packet is assembled; the task finishing packet (s, el) returns it to s and signals it."""
+    """y[rows of tile g, hidden column tiles n_lo..n_hi-1] = h @ w_down[el] + b_down[el] in the layer dtype,
+    stored where the result packet is assembled; the task finishing packet (s, el) returns it to s and
+    signals it."""
     offs_m = tl.arange(0, BM)
     offs_k = tl.arange(0, BK)
     r_loc = m * BM + offs_m
     row_ok = offs_m < n_e - m * BM
     hrow = (hbase + pst + r_loc).to(tl.int64)
-    cols = n1 * BN + tl.arange(0, BN)
-    col_ok = cols < H
-    a_ptrs = h_ptr + hrow[:, None] * INNER + offs_k[None, :]
-    b_ptrs = w_down_ptr + el.to(tl.int64) * INNER * H + offs_k[:, None] * H + cols[None, :]
-    acc = gemm_tile(a_ptrs, row_ok, b_ptrs, col_ok, INNER, H, EVEN_K, BM, BN, BK, UPCAST, PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_down_ptr + el.to(tl.int64) * H + cols, mask=col_ok, other=0.0).to(acc.dtype)[None, :]
     if W == 1:
         is_own = True
     else:
@@ -563,11 +561,20 @@ def _gemm1_task(g, n1, s, el, m, n_e, pst, hbase, half, heap_rows, heap_words, r
         base = data1 + me.to(tl.int64) * slab_elems
     else:  # in place of the consumed input rows; sent back as one packet when complete
         base = data0 + s.to(tl.int64) * slab_elems
-    mask = row_ok[:, None] & col_ok[None, :]
-    tl.store(heap_rows + base + srow[:, None] * H + cols[None, :], acc.to(heap_rows.dtype.element_ty), mask=mask)
+    a_ptrs = h_ptr + hrow[:, None] * INNER + offs_k[None, :]
+    for n1 in range(n_lo, n_hi):
+        cols = n1 * BN + tl.arange(0, BN)
+        col_ok = cols < H
+        b_ptrs = w_down_ptr + el.to(tl.int64) * INNER * H + offs_k[:, None] * H + cols[None, :]
+        acc = gemm_tile(a_ptrs, row_ok, b_ptrs, col_ok, INNER, H, EVEN_K, BM, BN, BK, UPCAST, PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(b_down_ptr + el.to(tl.int64) * H + cols, mask=col_ok, other=0.0).to(acc.dtype)[None, :]
+        mask = row_ok[:, None] & col_ok[None, :]
+        tl.store(heap_rows + base + srow[:, None] * H + cols[None, :], acc.to(heap_rows.dtype.element_ty),
+                 mask=mask)
     tl.debug_barrier()
-    old = tl.atomic_add(half + _READY + W + (W * EL) + s * EL + el, 1, sem="acq_rel", scope="sys")
-    if old + 1 == ((n_e + BM - 1) // BM) * NB1:
+    old = tl.atomic_add(half + _READY + W + (W * EL) + s * EL + el, n_hi - n_lo, sem="acq_rel", scope="sys")
+    if old + (n_hi - n_lo) == ((n_e + BM - 1) // BM) * NB1:
         idx = sig1 + me * EL + el
         word = (seq << 32) | n_e.to(tl.int64)
         if is_own:
@@ -655,15 +662,18 @@ def fused_moe_kernel(
     E_PAD: tl.constexpr, EL_PAD: tl.constexpr, W_PAD: tl.constexpr, K_PAD: tl.constexpr, G_PAD: tl.constexpr,
     BT: tl.constexpr, BTC: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, CB: tl.constexpr,
     BM: tl.constexpr, BN0: tl.constexpr, BK0: tl.constexpr, BN1: tl.constexpr, BK1: tl.constexpr,
-    EVEN_K0: tl.constexpr, EVEN_K1: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    TN0: tl.constexpr, TN1: tl.constexpr, EVEN_K0: tl.constexpr, EVEN_K1: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One MoE layer forward on this rank (module docstring); PHASE = 0 runs all of it in one launch."""
     epoch = tl.load(sync_ptr + _EPOCH)
     seq = (epoch + 1).to(tl.int64)
     half = sync_ptr + _HALF0 + (epoch % 2) * HALF
     other = sync_ptr + _HALF0 + ((epoch + 1) % 2) * HALF
-    nb0 = tl.cdiv(INNER, BN0)
-    nb1 = tl.cdiv(H, BN1)
+    nb0 = tl.cdiv(INNER, BN0)  # column tiles per row tile, up projection
+    nb1 = tl.cdiv(H, BN1)  # and down projection
+    ng0 = tl.cdiv(nb0, TN0)  # tasks per row tile: TN0 (TN1) column tiles each, so a decode serves several
+    ng1 = tl.cdiv(nb1, TN1)
 
     if (PHASE == _ALL) or (PHASE == _ROUTE):
         zb = tl.arange(0, 128)
@@ -705,12 +715,14 @@ def fused_moe_kernel(
                            heap_addr, me, seq, slab_rows, sig0, sig1, limit,
                            PUTS, USE_TIMER, W, E, EL, ROW_BYTES, EL_PAD)
             else:
-                g = (c - W) // nb0
+                g = (c - W) // ng0
                 found, s, el, m, n_e, pst, hb = _decode(g, sync_ptr, half, me, limit,
                                                         USE_TIMER, W, EL, EL_PAD, BM)
                 if found == 1:
                     if g < G_MAX:
-                        _gemm0_task(g, (c - W) % nb0, s, el, m, n_e, pst, hb, half, x_ptr, order_ptr, gstart_ptr,
+                        n_lo = ((c - W) % ng0) * TN0
+                        _gemm0_task(g, n_lo, tl.minimum(n_lo + TN0, nb0), s, el, m, n_e, pst, hb, half,
+                                    x_ptr, order_ptr, gstart_ptr,
                                     heap_rows, w_up_ptr, b_up_ptr, h_ptr, pre_ptr, H, INNER, me, slab_elems, data0,
                                     W, EL, TOPK, ACT, GATED, HAS_BIAS, SAVE_PRE, EVEN_K0, BM, BN0, BK0, UPCAST,
                                     PRECISION)
@@ -725,14 +737,15 @@ def fused_moe_kernel(
         c = tl.atomic_add(half + _CLAIM + 3, 1)
         go = c >= 0
         while go:
-            g = c // nb1
+            g = c // ng1
             found, s, el, m, n_e, pst, hb = _decode(g, sync_ptr, half, me, limit,
                                                     USE_TIMER, W, EL, EL_PAD, BM)
             if found == 1:
                 if _wait_counter(half + _READY + W + 3 * (W * EL) + g, nb0, sync_ptr, limit, USE_TIMER):
-                    _gemm1_task(g, c % nb1, s, el, m, n_e, pst, hb, half, heap_rows, heap_words, rows_delta_ptr,
-                                words_delta_ptr, heap_addr, h_ptr, w_down_ptr, b_down_ptr, H, INNER, me, seq,
-                                slab_elems, data0, data1, sig1, nb1,
+                    n_lo = (c % ng1) * TN1
+                    _gemm1_task(g, n_lo, tl.minimum(n_lo + TN1, nb1), s, el, m, n_e, pst, hb, half, heap_rows,
+                                heap_words, rows_delta_ptr, words_delta_ptr, heap_addr, h_ptr, w_down_ptr, b_down_ptr,
+                                H, INNER, me, seq, slab_elems, data0, data1, sig1, nb1,
                                 PUTS, W, EL, HAS_BIAS, EVEN_K1, ITEM, BM, BN1, BK1, UPCAST, PRECISION, BR, BH)
                 else:
                     _fail(sync_ptr, status_addr, _ST_LOCAL, me, me, 3, g, nb0, 0)
