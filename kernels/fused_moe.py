@@ -279,6 +279,7 @@ def _finish_routing(half, table_ptr, part_ptr, counts_ptr, gstart_ptr, stats_ptr
                     CB: tl.constexpr):
     """Run by the last route task: block table -> exclusive per-block offsets, counts and gstart (first sorted
     row of each expert); stats and losses; signal every empty packet; then raise the `routed` flag."""
+    tl.debug_barrier()  # the acquiring arrival was one thread's: order every thread's reads after it
     ex = tl.arange(0, E_PAD)
     ex_ok = ex < E
     cb = tl.arange(0, CB)
@@ -389,6 +390,7 @@ def _dispatch_task(b, x_ptr, ids_ptr, order_ptr, slot_ptr, table_ptr, counts_ptr
     old = tl.atomic_add(half + _READY + W + ex, n_b, mask=ex_ok & (n_b > 0), sem="acq_rel", scope="sys")
     counts = tl.load(counts_ptr + ex, mask=ex_ok, other=0)
     done = ex_ok & (n_b > 0) & (old + n_b == counts)
+    tl.debug_barrier()  # rows staged by other programs are read below, after their release seen above
     if tl.sum(done.to(tl.int32), 0) > 0:
         gstart = tl.load(gstart_ptr + ex, mask=ex_ok, other=0)
         for ge in range(E):
@@ -574,6 +576,7 @@ def _gemm1_task(g, n_lo, n_hi, s, el, m, n_e, pst, hbase, half, heap_rows, heap_
                  mask=mask)
     tl.debug_barrier()
     old = tl.atomic_add(half + _READY + W + (W * EL) + s * EL + el, n_hi - n_lo, sem="acq_rel", scope="sys")
+    tl.debug_barrier()
     if old + (n_hi - n_lo) == ((n_e + BM - 1) // BM) * NB1:
         idx = sig1 + me * EL + el
         word = (seq << 32) | n_e.to(tl.int64)
