@@ -281,6 +281,15 @@ def _state(cfg: MoEConfig, dtype: torch.dtype, device: torch.device, ep, num_tok
 _LOCAL_STATES: dict = {}
 
 
+def release_states() -> int:
+    """Free the persistent state of single-device fused layers (heap, counters: about T*k*H elements for the
+    largest T seen, per device, dtype and shape); the next forward allocates it again. Returns how many states
+    were released. Expert-parallel states belong to their ExpertParallel and are freed by its close()."""
+    n = len(_LOCAL_STATES)
+    _LOCAL_STATES.clear()
+    return n
+
+
 # ----------------------------------------------------------------------------------------------------------
 # One launch (or its record, for the compile gate)
 # ----------------------------------------------------------------------------------------------------------
@@ -679,4 +688,5 @@ def plan_launches(cfg: MoEConfig, dtype: torch.dtype, num_tokens: int, target: s
     return [Launch(name, fused.fused_moe_kernel, (132,), args, constexprs, warps, stages, tags)]
 
 
-__all__ = ["FusedState", "auto_reason", "moe_forward", "plan_launches", "unavailable_reason", "unsupported_reason"]
+__all__ = ["FusedState", "auto_reason", "moe_forward", "plan_launches", "release_states", "unavailable_reason",
+           "unsupported_reason"]

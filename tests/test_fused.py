@@ -180,6 +180,25 @@ def test_layer_and_stats(seed):
 
 
 @pytest.mark.interpreter
+def test_nan_token_stays_in_its_row(seed):
+    # A NaN token routes somewhere (NaN ranks first, as in torch.sort), gives a NaN output row and leaves every
+    # other token's row correct; nothing waits forever on it. Then the state is released and rebuilt.
+    cfg = fm.MoEConfig(**CONFIGS["mixtral"])
+    params, x, _ = _inputs(cfg, torch.float64, num_tokens=9)
+    x[4, 2] = float("nan")
+    with torch.no_grad():
+        out = fm.moe(x, params, cfg, backend="fused").out
+    assert torch.isnan(out[4]).all()
+    clean = torch.cat([x[:4], x[5:]])
+    assert_close(torch.cat([out[:4], out[5:]]), fm.moe(clean, params, cfg, backend="reference").out,
+                 torch.float64, "clean tokens")
+    assert fused_backend.release_states() >= 1 and not fused_backend._LOCAL_STATES
+    with torch.no_grad():
+        again = fm.moe(clean, params, cfg, backend="fused").out
+    assert_close(again, fm.moe(clean, params, cfg, backend="reference").out, torch.float64, "after release")
+
+
+@pytest.mark.interpreter
 def test_zero_tokens(seed):
     cfg = fm.MoEConfig(**CONFIGS["mixtral"])
     params, _, _ = _inputs(cfg, torch.float32)
