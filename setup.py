@@ -78,6 +78,7 @@ if os.path.isfile("kernels/__init__.py"):
 setup(
     packages=packages,
     package_dir=package_dir,
+    package_data={"flashmoe_py.kernels": ["*.ll"]},  # the NVSHMEM shim of the fused kernel (kernels/nvshmem.py)
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -30,10 +30,11 @@ class _Entry:
 _REGISTRY: dict[str, _Entry] = {
     "reference": _Entry("reference", "pure PyTorch, any device"),
     "triton": _Entry("triton_backend", "Triton kernels; CUDA, or CPU under TRITON_INTERPRET=1"),
+    "fused": _Entry("fused_backend", "one persistent Triton kernel per forward; CUDA, or CPU under TRITON_INTERPRET=1"),
 }
 
 # Which backends `auto` tries, fastest first, by device type.
-_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton", "reference"), "cpu": ("reference",)}
+_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("fused", "triton", "reference"), "cpu": ("reference",)}
 
 
 def _module(name: str):
@@ -60,18 +61,38 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [n for n in BACKEND_NAMES if unavailable_reason(n, device) is None]
 
 
-def resolve(name: str, device: torch.device | str) -> str:
-    """The concrete backend `name` stands for on `device` (`auto` resolved); raises if it cannot run."""
+def _layer_reason(name: str, cfg, expert_parallel, auto: bool) -> str | None:
+    """Why backend `name` does not take this layer (a module's optional `unsupported_reason(cfg, ep)`, and for
+    `auto` its optional `auto_reason(cfg, ep)`), or None."""
+    if cfg is None:
+        return None
+    module = _module(name)
+    check = getattr(module, "auto_reason" if auto else "unsupported_reason", None)
+    if check is None and auto:
+        check = getattr(module, "unsupported_reason", None)
+    return check(cfg, expert_parallel) if check is not None else None
+
+
+def resolve(name: str, device: torch.device | str, cfg=None, expert_parallel=None) -> str:
+    """The concrete backend `name` stands for on `device` (`auto` resolved); raises if it cannot run.
+    With the layer's cfg (and expert_parallel), backends that cannot take that layer are skipped / refused."""
     device = torch.device(device)
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-            if unavailable_reason(candidate, device) is None:
+            if unavailable_reason(candidate, device) is None and \
+                    _layer_reason(candidate, cfg, expert_parallel, auto=True) is None:
                 return candidate
         return "reference"
-    reason = unavailable_reason(name, device)
+    reason = unavailable_reason(name, device) or _layer_reason(name, cfg, expert_parallel, auto=False)
     if reason is not None:
         raise BackendUnavailable(f"backend={name!r} cannot run on {device}: {reason}")
     return name
+
+
+def handles_expert_parallel(name: str) -> bool:
+    """True when the backend's forward takes `expert_parallel=` itself (it moves rows between ranks inside its
+    kernel) instead of running under the transport's host-driven dispatch/return."""
+    return getattr(_module(name), "HANDLES_EXPERT_PARALLEL", False)
 
 
 def forward_fn(name: str) -> Callable:

@@ -8,6 +8,9 @@
 | `FLASHMOE_TRITON_TARGET` | unset | launch-config table ("sm_90", "sm_80") instead of the device's own |
 | `FLASHMOE_EP_TIMEOUT_S` | 60 | seconds an expert-parallel exchange waits for a peer before raising `ExchangeTimeout` |
 | `FLASHMOE_EP_MAX_TOKENS` | 4096 | tokens one rank may pass to one expert-parallel forward; sizes the symmetric heap |
+| `FLASHMOE_FUSED_PUTS` | auto | how the fused kernel writes to peers: "ptr" (stores through peer-mapped |
+| | | addresses), "nvshmem" (device NVSHMEM put-with-signal calls; GPU only), "auto" (ptr where every peer is |
+| | | mapped, which the shm heap and a one-node NVSHMEM heap guarantee) |
 | `RANK`, `WORLD_SIZE`, `LOCAL_RANK` | - | set by torchrun; read by `flashmoe_py.dist.launch.init_process_group` |
 | `MASTER_ADDR`, `MASTER_PORT` | - | torchrun's rendezvous; under mpirun, used when set (multi-node) |
 | `OMPI_COMM_WORLD_RANK`, `OMPI_COMM_WORLD_SIZE`, `OMPI_COMM_WORLD_LOCAL_RANK` | - | set by Open MPI's mpirun |
@@ -57,6 +60,14 @@ def ep_timeout_s() -> float:
 def ep_max_tokens() -> int:
     """Default `max_tokens_per_rank` of an expert-parallel layer."""
     return _positive("FLASHMOE_EP_MAX_TOKENS", 4096, int)
+
+
+def fused_puts() -> str:
+    """FLASHMOE_FUSED_PUTS: "auto", "ptr" or "nvshmem"."""
+    value = os.environ.get("FLASHMOE_FUSED_PUTS", "auto") or "auto"
+    if value not in ("auto", "ptr", "nvshmem"):
+        raise ValueError(f"environment variable FLASHMOE_FUSED_PUTS={value!r}: expected auto, ptr or nvshmem")
+    return value
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ def moe(x: torch.Tensor, params, cfg: MoEConfig, *, backend: str = "auto", topk_
                              f"{(cfg.num_experts, cfg.top_k, cfg.hidden_size)}")
     local_experts = cfg.num_experts if expert_parallel is None else expert_parallel.num_local_experts
     check_params(params, cfg, x, num_local_experts=local_experts)
-    name = backends.resolve(backend, x.device)
+    name = backends.resolve(backend, x.device, cfg, expert_parallel)
     x2d = x.reshape(-1, cfg.hidden_size)
     routing = None
     if topk_ids is not None or topk_weights is not None:
@@ -44,7 +44,9 @@ def moe(x: torch.Tensor, params, cfg: MoEConfig, *, backend: str = "auto", topk_
         ids = topk_ids.long()
         weights = topk_weights.to(compute_dtype(x))
         routing = Routing(ids, weights, capacity_mask(ids, weights, cfg))
-    if expert_parallel is not None:
+    if expert_parallel is not None and backends.handles_expert_parallel(name):
+        result = backends.forward_fn(name)(x2d, params, cfg, routing, expert_parallel=expert_parallel)
+    elif expert_parallel is not None:
         from .dist.forward import ep_moe_forward
         result = ep_moe_forward(x2d, params, cfg, routing, expert_parallel, backends.expert_ffn_fn(name), name)
     else:

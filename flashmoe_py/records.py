@@ -85,7 +85,8 @@ class MoEStats:
 
     tokens_per_expert [E] int64   assignments each expert processed (after capacity), global expert ids
     dropped           []  int64   assignments dropped by capacity
-    bytes_sent        int         payload + signal bytes this rank put to other ranks (0 on one rank)
+    bytes_sent        int         payload + signal bytes this rank put to other ranks (0 on one rank); the fused
+                                  backend counts them on the device: a 0-d int64 tensor there
     rows_per_peer     [W] int64 or None   rows this rank sent to each rank in the last forward (distributed)
     kernel_launches   int or None kernel launches of the forward, where the backend counts them
     host_syncs        int or None host synchronisations of the forward, where the backend counts them

@@ -7,6 +7,10 @@ which together reach every kernel and both regimes' launch configs. Each distinc
 argument types, constexprs, warps, stages) goes through `triton.compile(ASTSource(...),
 target=GPUTarget("cuda", cc, 32))`; ptxas -v on the resulting PTX gives registers and spills.
 
+The persistent fused kernel (fused_backend.plan_launches) is compiled for the cases in FUSED_CASES: world
+size 1 (the benchmark's shape, inference and training variants) and an 8-rank expert-parallel launch whose
+remote writes are NVSHMEM device calls, linked against the NVSHMEM device bitcode (kernels/nvshmem.py).
+
 One row per kernel x case x arch x dtype: registers, shared memory, spill bytes, and the matrix
 instructions the PTX uses (wgmma = Hopper warpgroup MMA, mma = mma.sync). Exit status 1 when a kernel
 does not compile, spills, needs more shared memory than the target has (sm_90: 227 KiB, sm_80: 163 KiB),
@@ -41,6 +45,14 @@ CASES = (
     ("ep-rows", dict(activation="geglu"), 16384, True, True, False),
     ("decode", dict(activation="swiglu"), 16, False, False, True),
 )
+# Fused kernel: (case, config overrides, tokens per rank, world size, puts, routing mode, save for backward,
+# dtypes, archs). "compute": router logits in the kernel (inference); "logits": given, pre-activations saved.
+FUSED_CASES = (
+    ("fused-w1", dict(activation="swiglu"), 16384, 1, "ptr", "compute", False, DTYPES, ("sm_90", "sm_80")),
+    ("fused-w1t", dict(activation="gelu", bias=True, num_shared_experts=1), 16384, 1, "ptr", "logits", True,
+     ("bf16",), ("sm_90",)),
+    ("fused-ep8", dict(activation="swiglu"), 2048, 8, "nvshmem", "compute", False, ("bf16",), ("sm_90",)),
+)
 
 
 def _plan(target: str):
@@ -52,7 +64,16 @@ def _plan(target: str):
     from .triton_backend import plan_launches
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    from .fused_backend import plan_launches as plan_fused
+
     seen, jobs = set(), []
+    for case, overrides, tokens, world, puts, mode, save, dtypes, archs in FUSED_CASES:
+        if target not in archs:
+            continue
+        for dtype in dtypes:
+            cfg = MoEConfig(**BENCH_SHAPE, **overrides)
+            for launch in plan_fused(cfg, torch_dtype[dtype], tokens, target, world, puts, mode, save):
+                jobs.append((case, dtype, launch.name, launch.tags, _job(launch, target)))
     for dtype in DTYPES:
         for case, overrides, tokens, backward, rows_mode, given in CASES:
             cfg = MoEConfig(**BENCH_SHAPE, **overrides)
@@ -72,12 +93,16 @@ def _job(launch, target: str) -> dict:
 
     fn = launch.kernel
     names = list(fn.arg_names)
+    plain = {names[i] if isinstance(i, int) else i for i in (getattr(fn, "do_not_specialize", None) or ())}
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(names):
         if name in launch.constexprs:
             signature[name], constexprs[name] = "constexpr", launch.constexprs[name]
             continue
         value = launch.args[name]
+        if name in plain and value is not None:  # do_not_specialize: the type only, never a value
+            signature[name] = "i64" if isinstance(value, int) and not -2**31 <= value < 2**31 else triton_type(value)
+            continue
         if value is None or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
             signature[name], constexprs[name] = "constexpr", value  # the JIT specialises None and 1
             continue
@@ -85,8 +110,11 @@ def _job(launch, target: str) -> dict:
         aligned = signature[name].startswith("*") or (isinstance(value, int) and value % 16 == 0)
         if aligned:
             attrs[(i,)] = [["tt.divisibility", 16]]
-    return {"kernel": fn.fn.__name__, "signature": signature, "constexprs": constexprs, "attrs": attrs,
-            "options": {"num_warps": launch.num_warps, "num_stages": launch.num_stages}, "target": target}
+    options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
+    if "extern_libs" in launch.tags:
+        options["extern_libs"] = launch.tags["extern_libs"]
+    return {"module": fn.fn.__module__, "kernel": fn.fn.__name__, "signature": signature, "constexprs": constexprs,
+            "attrs": attrs, "options": options, "target": target}
 
 
 def _ptxas() -> str:
@@ -123,13 +151,13 @@ def _resources(ptx: str, arch: int) -> tuple[int, int]:
 def _compile(job: dict) -> dict:
     """Worker: compile one launch; returns its resources or the error."""
     os.environ.pop("TRITON_INTERPRET", None)
+    import importlib
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import triton_backend
-
-    kernel = getattr(triton_backend._kernels(), job["kernel"])
+    kernel = getattr(importlib.import_module(job["module"]), job["kernel"])
     arch = ARCHS[job["target"]]
     start = time.perf_counter()
     try:

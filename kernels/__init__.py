@@ -9,6 +9,9 @@ imported (Triton reads TRITON_INTERPRET when `@triton.jit` decorates a function)
   combine.py   combine_kernel
   common.py    helpers called from the kernels (tile lookup, activations, the dot)
   configs.py   launch-configuration tables per target and regime
+  fused_moe.py the persistent fused kernel (DESIGN §6); not imported here: flashmoe_py.fused_backend is its
+               only importer, so the Triton backend never compiles or loads it
+  nvshmem.py, nvshmem_shim.ll  NVSHMEM device calls for Triton (extern wrappers over the device bitcode)
 """
 
 from . import configs

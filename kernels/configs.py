@@ -62,6 +62,52 @@ AUX = {
 }
 AUX_WARPS = 4
 
+# The persistent fused kernel (fused_moe.py): one program per SM runs every task, so one config covers
+# both GEMMs: (BLOCK_M, BLOCK_N0, BLOCK_K0, BLOCK_N1, BLOCK_K1, num_warps, num_stages), where 0 is the up
+# projection (BLOCK_N0 inner columns, two accumulators when gated) and 1 the down projection (BLOCK_N1
+# hidden columns). BLOCK_M is shared: a GEMM1 tile waits for all GEMM0 column tiles of the same row tile.
+# On sm_90 16-bit tiles keep BLOCK_M a multiple of 64 and 4 or 8 warps, for wgmma. Not tuned on a GPU yet:
+# derived from the unfused up/down entries above.
+FUSED = {
+    ("sm_90", "prefill"): {2: (128, 64, 64, 128, 64, 8, 3), 4: (128, 32, 32, 64, 32, 8, 3)},
+    ("sm_90", "nvshmem"): {2: (128, 32, 64, 64, 64, 8, 3), 4: (128, 32, 32, 64, 32, 8, 3)},
+    ("sm_90", "decode"): {2: (64, 64, 128, 64, 128, 4, 3), 4: (64, 32, 64, 64, 64, 4, 3)},
+    ("sm_80", "prefill"): {2: (128, 64, 32, 64, 32, 8, 3), 4: (64, 32, 32, 64, 32, 4, 3)},
+    ("sm_80", "decode"): {2: (16, 64, 128, 64, 128, 4, 3), 4: (16, 64, 64, 64, 64, 4, 3)},
+}
+FUSED_FP64 = (32, 32, 16, 32, 16, 4, 2)
+FUSED_INTERPRETER = (16, 16, 16, 16, 16, 1, 1)
+# Its other blocks: BT tokens per route/dispatch task (at least 16, the router dot's M; fewer as E grows),
+# BTC tokens per combine task, BR x BH element blocks of packet copies and of the combine, CB rows of the
+# block table per step of the routing barrier's scan, TN0 / TN1 column tiles per GEMM0 / GEMM1 task (a task
+# claims, decodes its row tile and signals once for all of them: a 128x64 tile is only microseconds of work).
+FUSED_AUX = {
+    "sm_90": {"route_elems": 2048, "BTC": 16, "BR": 16, "BH": 128, "CB": 32, "TN0": 4, "TN1": 4},
+    "sm_80": {"route_elems": 2048, "BTC": 16, "BR": 16, "BH": 128, "CB": 32, "TN0": 4, "TN1": 4},
+    "interpreter": {"route_elems": 128, "BTC": 16, "BR": 16, "BH": 16, "CB": 16, "TN0": 2, "TN1": 2},
+}
+FUSED_MIN_BLOCK_M = 16  # the smallest BLOCK_M above: sizes the tile counters of the persistent state
+FUSED_MIN_BT = 16
+
+
+def fused_config(target: str, regime_name: str, itemsize: int,
+                 puts: str = "ptr") -> tuple[int, int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N0, BLOCK_K0, BLOCK_N1, BLOCK_K1, num_warps, num_stages) of the fused kernel. With NVSHMEM
+    puts the library's device code raises register pressure: narrower tiles there (the "nvshmem" row)."""
+    if target == "interpreter":
+        return FUSED_INTERPRETER
+    if itemsize == 8:
+        return FUSED_FP64
+    if puts == "nvshmem" and (target, "nvshmem") in FUSED:
+        return FUSED[(target, "nvshmem")][itemsize]
+    return FUSED[(target, regime_name)][itemsize]
+
+
+def fused_block_t(target: str, e_pad: int) -> int:
+    """Tokens per route/dispatch task of the fused kernel: about route_elems scores, between 16 and 64."""
+    return max(FUSED_MIN_BT, min(64, FUSED_AUX[target]["route_elems"] // e_pad))
+
+
 # Candidates the tuner tries for each GEMM kernel on each target (16-bit operands; fp32 halves BLOCK_K).
 CANDIDATES = {
     "sm_90": [(bm, bn, bk, w, s) for bm in (64, 128) for bn in (64, 128) for bk in (64, 128)

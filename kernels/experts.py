@@ -6,21 +6,104 @@ an upper bound and surplus programs exit. With GATHER, sorted row r holds assign
 order[r] // TOPK, and the kernel loads that token's row of x (or of the output gradient) directly: no
 gathered copy of x is ever made. Without GATHER the rows are already grouped (the expert-parallel path).
 
+  up_tile, gemm_tile the tile loops (helpers, also called by the fused kernel)
   up_kernel          pre = x[rows] @ w_up[e] + b_up[e];  h = act(gate) * up  or  act(pre)
   rows_gemm_kernel   out = (a[rows] @ B[e] + bias[e]) * weight[row], stored by row or added to its token
   act_grad_kernel    u = g[token] @ w_down[e]^T; weight gradient <u, h> + <g, b_down>; dpre = dact(u * weight)
   weight_grad_kernel dW[e] = A[rows]^T @ B[rows] (optionally gathered / scaled), db[e] = column sums of B
 
+The tile loops of the forward GEMMs are helpers (`up_tile`, `gemm_tile`) that take the tile's row pointers,
+so the persistent fused kernel (fused_moe.py) runs the very same loops on rows it gathers from x or from a
+receive slab of the symmetric heap.
+
 Accumulation is fp32 (fp64 for fp64 inputs); outputs are rounded once, when stored. UPCAST (set by the
 host only under the Triton interpreter) feeds bf16 dot operands in as fp32: the interpreter's dot
-multiplies the raw bit patterns of bf16 (Triton issue 11584). It is written out in each loop rather than
-in a helper because every helper call costs the interpreter a full re-patch of triton.language.
+multiplies the raw bit patterns of bf16 (Triton issue 11584).
 """
 
 import triton
 import triton.language as tl
 
 from .common import act_fwd, act_grad, expert_rows, expert_tile
+
+
+@triton.jit
+def up_tile(a_ptrs, row_ok, w_base, b_base, cols, col_ok, H, INNER,
+            GATED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+            UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One up-projection tile: (acc_gate, acc_up) [BLOCK_M, BLOCK_N] fp32 (fp64 for fp64 rows), bias included.
+
+    a_ptrs [BLOCK_M, BLOCK_K]: pointers to the tile's rows at reduction columns 0..BLOCK_K-1 (rows may be
+    gathered from anywhere: token rows of x, rows of a receive slab); w_base: w_up[e] [H, N_UP]; b_base:
+    b_up[e] [N_UP]; cols [BLOCK_N] inner columns of the tile. Gated: gate columns `cols`, up columns
+    INNER + cols, two accumulators; plain: acc_up stays zero. Shared by up_kernel and the fused kernel.
+    """
+    if GATED:
+        n_up = 2 * INNER
+    else:
+        n_up = INNER
+    offs_k = tl.arange(0, BLOCK_K)
+    g_ptrs = w_base + offs_k[:, None] * n_up + cols[None, :]
+    acc_ty = tl.float64 if a_ptrs.dtype.element_ty == tl.float64 else tl.float32
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), acc_ty)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), acc_ty)
+    for k0 in range(0, H, BLOCK_K):
+        if EVEN_K:
+            a_mask = row_ok[:, None]
+            b_mask = col_ok[None, :]
+        else:
+            k_ok = k0 + offs_k < H
+            a_mask = row_ok[:, None] & k_ok[None, :]
+            b_mask = k_ok[:, None] & col_ok[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        b_g = tl.load(g_ptrs, mask=b_mask, other=0.0)
+        if GATED:
+            b_u = tl.load(g_ptrs + INNER, mask=b_mask, other=0.0)
+        if UPCAST:
+            a, b_g = a.to(tl.float32), b_g.to(tl.float32)
+            if GATED:
+                b_u = b_u.to(tl.float32)
+        acc_g = tl.dot(a, b_g, acc_g, input_precision=PRECISION)
+        if GATED:
+            acc_u = tl.dot(a, b_u, acc_u, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K * n_up
+    if HAS_BIAS:
+        acc_g += tl.load(b_base + cols, mask=col_ok, other=0.0).to(acc_ty)[None, :]
+        if GATED:
+            acc_u += tl.load(b_base + INNER + cols, mask=col_ok, other=0.0).to(acc_ty)[None, :]
+    return acc_g, acc_u
+
+
+@triton.jit
+def gemm_tile(a_ptrs, row_ok, b_ptrs, col_ok, K, stride_bk, EVEN_K: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] = A[rows] @ B over K, fp32 (fp64 for fp64 operands); no bias, no epilogue.
+
+    a_ptrs [BLOCK_M, BLOCK_K] and b_ptrs [BLOCK_K, BLOCK_N] point at reduction index 0; A advances by
+    BLOCK_K elements along its rows, B by BLOCK_K * stride_bk. Shared by rows_gemm_kernel and the fused kernel.
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    acc_ty = tl.float64 if a_ptrs.dtype.element_ty == tl.float64 else tl.float32
+    acc = tl.zeros((BLOCK_M, BLOCK_N), acc_ty)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a_mask = row_ok[:, None]
+            b_mask = col_ok[None, :]
+        else:
+            k_ok = k0 + offs_k < K
+            a_mask = row_ok[:, None] & k_ok[None, :]
+            b_mask = k_ok[:, None] & col_ok[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
 
 
 @triton.jit
@@ -56,38 +139,12 @@ def up_kernel(
     col_ok = cols < INNER
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok[:, None] * H + offs_k[None, :]
-    w_base = w_ptr + e.to(tl.int64) * H * n_up
-    g_ptrs = w_base + offs_k[:, None] * n_up + cols[None, :]
-    acc_ty = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), acc_ty)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), acc_ty)
-    for k0 in range(0, H, BLOCK_K):
-        if EVEN_K:
-            a_mask = row_ok[:, None]
-            b_mask = col_ok[None, :]
-        else:
-            k_ok = k0 + offs_k < H
-            a_mask = row_ok[:, None] & k_ok[None, :]
-            b_mask = k_ok[:, None] & col_ok[None, :]
-        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-        b_g = tl.load(g_ptrs, mask=b_mask, other=0.0)
-        if GATED:
-            b_u = tl.load(g_ptrs + INNER, mask=b_mask, other=0.0)
-        if UPCAST:
-            a, b_g = a.to(tl.float32), b_g.to(tl.float32)
-            if GATED:
-                b_u = b_u.to(tl.float32)
-        acc_g = tl.dot(a, b_g, acc_g, input_precision=PRECISION)
-        if GATED:
-            acc_u = tl.dot(a, b_u, acc_u, input_precision=PRECISION)
-        a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K * n_up
-
     if HAS_BIAS:
         b_base = b_ptr + e.to(tl.int64) * n_up
-        acc_g += tl.load(b_base + cols, mask=col_ok, other=0.0).to(acc_ty)[None, :]
-        if GATED:
-            acc_u += tl.load(b_base + INNER + cols, mask=col_ok, other=0.0).to(acc_ty)[None, :]
+    else:
+        b_base = b_ptr
+    acc_g, acc_u = up_tile(a_ptrs, row_ok, w_ptr + e.to(tl.int64) * H * n_up, b_base, cols, col_ok, H, INNER,
+                           GATED, HAS_BIAS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
     mask = row_ok[:, None] & col_ok[None, :]
     out_ty = h_ptr.dtype.element_ty
     if STORE_PRE:
@@ -130,24 +187,8 @@ def rows_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None] * K + offs_k[None, :]
     b_ptrs = b_ptr + e.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
-    acc_ty = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
-    acc = tl.zeros((BLOCK_M, BLOCK_N), acc_ty)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a_mask = row_ok[:, None]
-            b_mask = col_ok[None, :]
-        else:
-            k_ok = k0 + offs_k < K
-            a_mask = row_ok[:, None] & k_ok[None, :]
-            b_mask = k_ok[:, None] & col_ok[None, :]
-        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
-        if UPCAST:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_bk
-
+    acc = gemm_tile(a_ptrs, row_ok, b_ptrs, col_ok, K, stride_bk, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+    acc_ty = acc.dtype
     if HAS_BIAS:
         acc += tl.load(bias_ptr + e.to(tl.int64) * N + cols, mask=col_ok, other=0.0).to(acc_ty)[None, :]
     if SCALE or ATOMIC:

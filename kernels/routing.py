@@ -1,6 +1,7 @@
 """Routing kernels (DESIGN §2.1-4): scores and top-k selection, expert counts, sort by expert, capacity.
 
 Pipeline on the device, no host read in between:
+  select_topk      the routing math of a block of tokens (a helper, also called by the fused kernel)
   route_kernel     logits -> scores, topk ids/weights, per-expert counts (before capacity)
   sort_kernel      ids (+ kept flags) and counts -> order (flat assignment of each sorted row), slot_of
   capacity_kernel  order before capacity -> kept flags (the C best assignments of every expert)
@@ -39,70 +40,10 @@ def route_kernel(
     ex_ok = ex < E
     mask = row_ok[:, None] & ex_ok[None, :]
     logits = tl.load(logits_ptr + rows[:, None] * E + ex[None, :], mask=mask, other=float("-inf"))
-    logits = tl.where(row_ok[:, None], logits, 0.0)  # rows past T: finite, so no inf - inf below
-    if SIGMOID:
-        scores = 1.0 / (1.0 + tl.exp(-logits))
-    else:
-        shifted = tl.exp(logits - tl.max(logits, 1)[:, None])
-        scores = shifted / tl.sum(shifted, 1)[:, None]
+    scores, chosen, weights, taken = select_topk(logits, row_ok, bias_ptr, scale_hi, scale_lo, E, TOPK, GROUPS,
+                                                 TOPK_GROUPS, SIGMOID, HAS_BIAS, RENORM, E_PAD, K_PAD, G_PAD, BLOCK_T)
     tl.store(scores_ptr + rows[:, None] * E + ex[None, :], scores, mask=mask)
-
-    sel = scores
-    if HAS_BIAS:
-        sel = sel + tl.load(bias_ptr + ex, mask=ex_ok, other=0.0).to(scores.dtype)[None, :]
-    # key orders the candidates: NaN above everything (torch.sort's order), padding below everything.
-    key = tl.where(sel != sel, float("inf"), sel)
-    key = tl.where(ex_ok[None, :], key, float("-inf"))
-
-    if GROUPS > 1:
-        GROUP_SIZE: tl.constexpr = E // GROUPS
-        group_of = ex // GROUP_SIZE
-        gx = tl.arange(0, G_PAD)
-        group_score = tl.full((BLOCK_T, G_PAD), float("-inf"), key.dtype)
-        for g in range(GROUPS):
-            v = tl.where((group_of == g)[None, :], key, float("-inf"))
-            top1 = tl.max(v, 1)
-            score = top1
-            if GROUP_SIZE > 1:
-                first = tl.min(tl.where(v == top1[:, None], ex[None, :], E_PAD), 1)
-                score += tl.max(tl.where(ex[None, :] == first[:, None], float("-inf"), v), 1)
-            group_score = tl.where((gx == g)[None, :], score[:, None], group_score)
-        group_taken = tl.zeros((BLOCK_T, G_PAD), tl.int1)
-        allowed = tl.zeros((BLOCK_T, E_PAD), tl.int1)
-        for _ in range(TOPK_GROUPS):
-            cand = tl.where(group_taken | (gx >= GROUPS)[None, :], float("-inf"), group_score)
-            best = tl.max(cand, 1)
-            pick = (cand == best[:, None]) & ~group_taken & (gx < GROUPS)[None, :]
-            g_best = tl.minimum(tl.min(tl.where(pick, gx[None, :], G_PAD), 1), GROUPS - 1)
-            group_taken = group_taken | (gx[None, :] == g_best[:, None])
-            allowed = allowed | (group_of[None, :] == g_best[:, None])
-        key = tl.where(allowed, key, float("-inf"))
-
     kx = tl.arange(0, K_PAD)
-    taken = tl.zeros((BLOCK_T, E_PAD), tl.int1)
-    chosen = tl.zeros((BLOCK_T, K_PAD), tl.int64)
-    weights = tl.zeros((BLOCK_T, K_PAD), scores.dtype)
-    for j in range(TOPK):
-        cand = tl.where(taken, float("-inf"), key)
-        best = tl.max(cand, 1)
-        pick = (cand == best[:, None]) & ~taken & ex_ok[None, :]
-        # The clamp only guards memory if every candidate were -inf; top_k <= reachable experts prevents it.
-        e_best = tl.minimum(tl.min(tl.where(pick, ex[None, :], E_PAD), 1), E - 1)
-        hit = ex[None, :] == e_best[:, None]
-        taken = taken | hit
-        s_best = tl.sum(tl.where(hit, scores, 0.0), 1)
-        chosen = tl.where((kx == j)[None, :], e_best.to(tl.int64)[:, None], chosen)
-        weights = tl.where((kx == j)[None, :], s_best[:, None], weights)
-
-    if RENORM:
-        if TOPK == 1:
-            weights = weights / weights  # exactly 1 (NaN stays NaN), as the reference computes it
-        else:
-            weights = weights / tl.sum(weights, 1)[:, None]
-    if weights.dtype == tl.float64:
-        weights = weights * scale_hi + weights * scale_lo
-    else:
-        weights = weights * scale_hi
     out_mask = row_ok[:, None] & (kx < TOPK)[None, :]
     tl.store(ids_ptr + rows[:, None] * TOPK + kx[None, :], chosen, mask=out_mask)
     tl.store(weights_ptr + rows[:, None] * TOPK + kx[None, :], weights, mask=out_mask)
@@ -195,3 +136,83 @@ def capacity_kernel(
         beats = (e_c[None, :] == e[:, None]) & col_ok[None, :] & ahead
         rank += tl.sum(beats.to(tl.int32), 1)
     tl.store(kept_ptr + src, rank < cap, mask=row_ok)
+
+
+@triton.jit
+def select_topk(logits, row_ok, bias_ptr, scale_hi, scale_lo,
+                E: tl.constexpr, TOPK: tl.constexpr, GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
+                SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr,
+                E_PAD: tl.constexpr, K_PAD: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Routing math of one block of tokens (DESIGN §2.1-3), shared by route_kernel and the fused kernel.
+
+    logits [BLOCK_T, E_PAD] fp32/fp64 (columns >= E and rows where row_ok is False are ignored) ->
+    scores [BLOCK_T, E_PAD], chosen [BLOCK_T, K_PAD] int64 expert ids (best first), weights [BLOCK_T, K_PAD],
+    taken [BLOCK_T, E_PAD] bool (the chosen experts as a mask). See route_kernel for the rules.
+    """
+    ex = tl.arange(0, E_PAD)
+    ex_ok = ex < E
+    logits = tl.where(ex_ok[None, :], logits, float("-inf"))  # padding columns take no share of the softmax
+    logits = tl.where(row_ok[:, None], logits, 0.0)  # rows past T: finite, so no inf - inf below
+    if SIGMOID:
+        scores = 1.0 / (1.0 + tl.exp(-logits))
+    else:
+        shifted = tl.exp(logits - tl.max(logits, 1)[:, None])
+        scores = shifted / tl.sum(shifted, 1)[:, None]
+
+    sel = scores
+    if HAS_BIAS:
+        sel = sel + tl.load(bias_ptr + ex, mask=ex_ok, other=0.0).to(scores.dtype)[None, :]
+    # key orders the candidates: NaN above everything (torch.sort's order), padding below everything.
+    key = tl.where(sel != sel, float("inf"), sel)
+    key = tl.where(ex_ok[None, :], key, float("-inf"))
+
+    if GROUPS > 1:
+        GROUP_SIZE: tl.constexpr = E // GROUPS
+        group_of = ex // GROUP_SIZE
+        gx = tl.arange(0, G_PAD)
+        group_score = tl.full((BLOCK_T, G_PAD), float("-inf"), key.dtype)
+        for g in range(GROUPS):
+            v = tl.where((group_of == g)[None, :], key, float("-inf"))
+            top1 = tl.max(v, 1)
+            score = top1
+            if GROUP_SIZE > 1:
+                first = tl.min(tl.where(v == top1[:, None], ex[None, :], E_PAD), 1)
+                score += tl.max(tl.where(ex[None, :] == first[:, None], float("-inf"), v), 1)
+            group_score = tl.where((gx == g)[None, :], score[:, None], group_score)
+        group_taken = tl.zeros((BLOCK_T, G_PAD), tl.int1)
+        allowed = tl.zeros((BLOCK_T, E_PAD), tl.int1)
+        for _ in range(TOPK_GROUPS):
+            cand = tl.where(group_taken | (gx >= GROUPS)[None, :], float("-inf"), group_score)
+            best = tl.max(cand, 1)
+            pick = (cand == best[:, None]) & ~group_taken & (gx < GROUPS)[None, :]
+            g_best = tl.minimum(tl.min(tl.where(pick, gx[None, :], G_PAD), 1), GROUPS - 1)
+            group_taken = group_taken | (gx[None, :] == g_best[:, None])
+            allowed = allowed | (group_of[None, :] == g_best[:, None])
+        key = tl.where(allowed, key, float("-inf"))
+
+    kx = tl.arange(0, K_PAD)
+    taken = tl.zeros((BLOCK_T, E_PAD), tl.int1)
+    chosen = tl.zeros((BLOCK_T, K_PAD), tl.int64)
+    weights = tl.zeros((BLOCK_T, K_PAD), scores.dtype)
+    for j in range(TOPK):
+        cand = tl.where(taken, float("-inf"), key)
+        best = tl.max(cand, 1)
+        pick = (cand == best[:, None]) & ~taken & ex_ok[None, :]
+        # The clamp only guards memory if every candidate were -inf; top_k <= reachable experts prevents it.
+        e_best = tl.minimum(tl.min(tl.where(pick, ex[None, :], E_PAD), 1), E - 1)
+        hit = ex[None, :] == e_best[:, None]
+        taken = taken | hit
+        s_best = tl.sum(tl.where(hit, scores, 0.0), 1)
+        chosen = tl.where((kx == j)[None, :], e_best.to(tl.int64)[:, None], chosen)
+        weights = tl.where((kx == j)[None, :], s_best[:, None], weights)
+
+    if RENORM:
+        if TOPK == 1:
+            weights = weights / weights  # exactly 1 (NaN stays NaN), as the reference computes it
+        else:
+            weights = weights / tl.sum(weights, 1)[:, None]
+    if weights.dtype == tl.float64:
+        weights = weights * scale_hi + weights * scale_lo
+    else:
+        weights = weights * scale_hi
+    return scores, chosen, weights, taken

@@ -57,6 +57,7 @@ class ExpertParallel:
             from .shm import check_one_node
             check_one_node(process_group)
         self._exchanges: dict = {}
+        self.backend_state: dict = {}  # what a backend keeps per (dtype, device) here (the fused kernel's heap)
         self.last_bytes_sent = 0
 
     def check_tokens(self, num_tokens: int) -> None:
@@ -108,6 +109,10 @@ class ExpertParallel:
         for ex in self._exchanges.values():
             ex.close()
         self._exchanges = {}
+        for state in self.backend_state.values():
+            if getattr(state, "heap", None) is not None:
+                state.heap.close()
+        self.backend_state = {}
 
 
 __all__ = ["ExchangeResult", "ExpertParallel"]

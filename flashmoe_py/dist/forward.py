@@ -96,6 +96,17 @@ class _ExpertParallelExperts(torch.autograd.Function):
         return (grad_send, None, None, None, None, None, *weight_grads)
 
 
+def exchange_experts(send_rows: torch.Tensor, send_counts: torch.Tensor, exchange, expert_ffn, activation: str,
+                     w_up, w_down, b_up=None, b_down=None) -> tuple[torch.Tensor, int]:
+    """Differentiable dispatch -> owners' experts -> return: send_rows [S, H] peer-major then expert-major,
+    send_counts [W, E_local] int64 CPU -> (expert outputs of those rows [S, H], bytes this rank put).
+    Collective; also what the fused backend's backward recomputes its forward with."""
+    info: dict = {}
+    y = _ExpertParallelExperts.apply(send_rows, send_counts, exchange, expert_ffn, activation, info, w_up, w_down,
+                                     b_up, b_down)
+    return y, info["bytes_sent"]
+
+
 def combine(y_rows: torch.Tensor, order: ExpertOrder, weights: torch.Tensor, deterministic: bool) -> torch.Tensor:
     """y_rows [A, H] in order.order's order, weights [T, k] -> [T, H] in weights.dtype.
 
@@ -125,15 +136,14 @@ def ep_moe_forward(x: torch.Tensor, params: MoEParams, cfg: MoEConfig, routing: 
     send_counts = order.counts.view(ep.world_size, ep.num_local_experts).cpu()
     send_rows = x.index_select(0, order.order // cfg.top_k)
     exchange = ep.exchange_for(x.dtype, x.device)
-    info: dict = {}
-    y_rows = _ExpertParallelExperts.apply(send_rows, send_counts, exchange, expert_ffn, cfg.activation, info,
-                                          params.w_up, params.w_down, params.b_up, params.b_down)
+    y_rows, bytes_sent = exchange_experts(send_rows, send_counts, exchange, expert_ffn, cfg.activation, params.w_up,
+                                          params.w_down, params.b_up, params.b_down)
     out = combine(y_rows, order, routing.topk_weights, cfg.deterministic)
     if cfg.num_shared_experts > 0:
         out = out + shared_expert(x, params, cfg)
     lb, z = routing_losses(routing, cfg.num_experts)
-    ep.last_bytes_sent = info["bytes_sent"]
-    stats = MoEStats(tokens_per_expert=order.counts, dropped=(~routing.kept).sum(), bytes_sent=info["bytes_sent"],
+    ep.last_bytes_sent = bytes_sent
+    stats = MoEStats(tokens_per_expert=order.counts, dropped=(~routing.kept).sum(), bytes_sent=bytes_sent,
                      rows_per_peer=send_counts.sum(1))
     return MoEOutput(out=out.to(x.dtype), routing=routing, aux_loss=cfg.aux_loss_coef * lb + cfg.z_loss_coef * z,
                      lb_loss=lb, z_loss=z, stats=stats, backend=backend)

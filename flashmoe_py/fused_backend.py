@@ -1,0 +1,692 @@
+"""The `fused` backend (DESIGN §4, §6): the whole routed part of a forward in one persistent kernel
+(kernels/fused_moe.py, imported only here); the backward on the Triton backend's kernels.
+
+Forward, per rank: [router logits in PyTorch, only when the router needs a gradient] -> fused_moe_kernel:
+route, dispatch (one-sided puts + signals on the symmetric heap), up GEMM + activation, down GEMM, return,
+weighted combine (+ the shared expert's output, computed by PyTorch before the launch). One launch on a GPU
+(`stats.kernel_launches == 1`); five launches of the same kernel, one per phase, under TRITON_INTERPRET=1
+(the interpreter runs a launch's programs one after another). No host synchronisation: counts, offsets,
+losses and stats are written by the kernel.
+
+Backward (autograd), reusing what exists:
+  world size 1   triton_backend.experts_bwd_impl on what the kernel saved: order/slot_of (the Triton
+                 backend's layout), pre-activations and h, so nothing is recomputed.
+  world size W   the forward's expert part is recomputed through the transport's host-driven dispatch/return
+                 (dist.forward.exchange_experts with the Triton backend's expert_ffn), then differentiated:
+                 four exchanges per backward, host syncs included, as the unfused expert-parallel path has.
+  The router's gradient goes through PyTorch (its logits, scores and weights are re-expressed from the
+  logits, as in the Triton backend).
+
+Persistent state (`FusedState`, one per (expert-parallel group or single device, dtype, shape)):
+  heap      this rank's segment of the symmetric heap (dist/layout.py): W = 1 a plain tensor (signals and
+            one slab), W > 1 the shm heap (CPU) or the NVSHMEM heap (GPU), separate from the heap the
+            backward's exchanges use
+  sync      [8 + 2 * HALF] int32: epoch, abort flag, two halves of per-launch counters (the kernel zeroes
+            the half the next launch uses), so nothing is reset between launches or CUDA-graph replays
+  table     [NB_MAX * E + 2E] int32: per-block expert counts -> offsets, counts, first sorted row per expert
+  part      [NB_MAX * (E + 1)] fp32/fp64: loss partials
+  status    [8] int64 (pinned host memory on GPUs): what a failed wait waited for
+Per forward: out [T, H], ids [T, k] int64, weights [T, k], scores/logits [T, E], order/slot_of [T*k] int32,
+stats [E + 2 + W] int64, losses [3] (lb, z, aux), h [R, I] (+ pre [R, N_up] when saved for backward).
+
+Limits, all with errors that say so: dropless routing only (capacity_factor=None: capacity needs a
+per-expert ranking the kernel does not do); expert parallelism over the `shm` (CPU, interpreter) or `nvshmem`
+(GPU) transport. A wait that times out on a GPU is reported by the next call of the layer (reading the
+kernel's status needs no sync then); under the interpreter at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import env
+from .backends import BackendUnavailable
+from .config import MoEConfig
+from .dist.heap import ExchangeTimeout
+from .dist.layout import REGION_NAMES, HeapLayout
+from .records import MoEOutput, MoEParams, MoEStats, Routing
+from .routing import ExpertOrder, router_logits, routing_losses, scores_from_logits, weights_from_scores
+
+_GATE_ACT = {"swiglu": ("silu", True), "geglu": ("gelu", True), "gelu": ("gelu", False), "relu": ("relu", False),
+             "silu": ("silu", False)}
+ONE_SIDED = ("shm", "nvshmem")
+HANDLES_EXPERT_PARALLEL = True  # moe_forward(..., expert_parallel=ep) moves the rows itself (backends.py)
+INTERPRETER_SPIN_S = 2e-3  # seconds one spin iteration takes under the interpreter (waits count iterations)
+PROGRAMS_PER_SM = 1
+INTERPRETER_PROGRAMS = 2  # per phase launch: program 1 finds the task counters exhausted, as on a GPU
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Availability
+# ----------------------------------------------------------------------------------------------------------
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    """None when the fused kernel can run on `device`, else why not."""
+    device = torch.device(device)
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton)"
+    if device.type == "cuda":
+        return None
+    if device.type != "cpu":
+        return f"the fused kernel runs on CUDA devices (or on CPU under TRITON_INTERPRET=1), not on {device.type}"
+    if not env.triton_interpret():
+        return ("on CPU it runs only under the Triton interpreter (set TRITON_INTERPRET=1 before flashmoe_py is "
+                "imported), for tests; expert parallelism then needs transport='shm'")
+    kernels = sys.modules.get("flashmoe_py.kernels.fused_moe")
+    if kernels is not None and type(kernels.fused_moe_kernel).__name__ != "InterpretedFunction":
+        return "the fused kernel was compiled for the GPU before TRITON_INTERPRET=1 was set"
+    return None
+
+
+def unsupported_reason(cfg: MoEConfig, expert_parallel=None) -> Optional[str]:
+    """None when this layer configuration can run fused, else why not (checked before anything runs)."""
+    if cfg.capacity_factor is not None:
+        return ("capacity_factor is set, and the fused kernel is dropless only (capacity keeps each expert's best "
+                "assignments, a per-expert ranking the kernel does not do); use backend='triton'")
+    if expert_parallel is not None and expert_parallel.world_size > 1 and expert_parallel.transport not in ONE_SIDED:
+        return (f"transport={expert_parallel.transport!r}: the fused kernel puts rows from the device into a "
+                f"symmetric heap, so it needs transport='shm' (CPU, under the interpreter) or 'nvshmem' (GPU)")
+    return None
+
+
+def auto_reason(cfg: MoEConfig, expert_parallel=None) -> Optional[str]:
+    """Why backend='auto' does not pick `fused` here (None: it does). Auto picks it for expert parallelism over
+    a one-sided transport; on one GPU the Triton backend stays the default until the benchmark says otherwise."""
+    if expert_parallel is None or expert_parallel.world_size == 1:
+        return "on one device auto prefers the Triton backend"
+    return unsupported_reason(cfg, expert_parallel)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    from .kernels import configs, fused_moe  # deferred: importing triton fixes compiled vs interpreted
+
+    return fused_moe, configs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Persistent state
+# ----------------------------------------------------------------------------------------------------------
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _target(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "interpreter"
+    forced = env.triton_target()
+    if forced:
+        return forced
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm_90" if major >= 9 else "sm_80"
+
+
+class FusedState:
+    """What the fused kernel keeps between forwards for one rank (module docstring). `tokens_cap` bounds the
+    tokens per forward (max_tokens_per_rank with expert parallelism)."""
+
+    def __init__(self, cfg: MoEConfig, dtype: torch.dtype, device: torch.device, tokens_cap: int, timeout_s: float,
+                 heap=None, layout: HeapLayout | None = None, world: int = 1, rank: int = 0, meta: bool = False):
+        _, configs = _kernels()
+        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        self.world, self.rank, self.tokens_cap, self.timeout_s = world, rank, tokens_cap, float(timeout_s)
+        self.heap, self.failed = heap, None
+        e, k, h = cfg.num_experts, cfg.top_k, cfg.hidden_size
+        item = dtype.itemsize
+        alloc = torch.device("meta") if meta else self.device
+
+        if heap is None and world == 1:
+            # No heap needed (no peers): the signal words and one slab, the own RETURN slab where results are
+            # combined from; DISPATCH offsets alias it (nothing is ever staged for another rank).
+            layout = HeapLayout(1, e, max(1, tokens_cap * k), h * item)
+            size = layout.data_offset(0, 0) + layout.slab_bytes
+            self._segment = torch.zeros(size, dtype=torch.uint8, device=alloc)
+            self.data = (layout.data_offset(0, 0) // item,) * 2
+            self.rows_delta = torch.zeros(1, dtype=torch.int64, device=alloc)
+            self.words_delta = torch.zeros(1, dtype=torch.int64, device=alloc)
+            self.heap_addr = 0 if meta else self._segment.data_ptr()
+        else:
+            self._segment = heap.local(0, layout.size) if heap is not None else \
+                torch.zeros(layout.size, dtype=torch.uint8, device=alloc)
+            self.data = (layout.data_offset(0, 0) // item, layout.data_offset(1, 0) // item)
+            if heap is not None:
+                own = heap.peer_address(rank)
+                addrs = [heap.peer_address(p) for p in range(world)]
+                if any(a is None or (a - own) % 128 for a in addrs):
+                    raise BackendUnavailable("backend='fused': a peer's heap segment is not mapped into this process")
+                self.rows_delta = torch.tensor([(a - own) // item for a in addrs], dtype=torch.int64, device=alloc)
+                self.words_delta = torch.tensor([(a - own) // 8 for a in addrs], dtype=torch.int64, device=alloc)
+                self.heap_addr = own
+            else:
+                self.rows_delta = torch.zeros(world, dtype=torch.int64, device=alloc)
+                self.words_delta = torch.zeros(world, dtype=torch.int64, device=alloc)
+                self.heap_addr = 2 ** 40
+        self.layout = layout
+        self.heap_rows = self._segment.view(dtype)
+        self.heap_words = self._segment.view(torch.int64)
+        self.sig = (layout.signal_offset(0, 0) // 8, layout.signal_offset(1, 0) // 8)
+        self.slab_elems = layout.slab_bytes // item
+
+        # rows this rank may receive (h rows), row tiles of them (tile counters), token blocks (table rows)
+        self.max_rows = tokens_cap * k if world == 1 else world * layout.slab_rows
+        self.max_tiles = _cdiv(self.max_rows, configs.FUSED_MIN_BLOCK_M) + e
+        self.max_blocks = max(1, _cdiv(tokens_cap, configs.FUSED_MIN_BT))
+        fused, _ = _kernels()
+        self.half = fused.half_words(world, e, self.max_tiles)
+        self.sync = torch.zeros(fused.SYNC_HEADER + 2 * self.half, dtype=torch.int32, device=alloc)
+        tab = torch.empty(self.max_blocks * e + 2 * e, dtype=torch.int32, device=alloc)
+        self.table = tab[:self.max_blocks * e]
+        self.counts = tab[self.max_blocks * e:self.max_blocks * e + e]
+        self.gstart = tab[self.max_blocks * e + e:]
+        self.part = torch.empty(self.max_blocks * (e + 1), dtype=_acc_dtype(dtype), device=alloc)
+        pinned = self.device.type == "cuda" and not meta
+        self.status = torch.zeros(8, dtype=torch.int64, pin_memory=pinned)
+        self.status_addr = 2 ** 40 if meta else self.status.data_ptr()
+        self.true = torch.ones((), dtype=torch.bool, device=alloc)  # expanded into Routing.kept: no launch
+        self._h = None  # W > 1: the h buffer [max_rows, I], kept (h is not saved for backward there)
+
+    def poison_results(self) -> None:
+        """FLASHMOE_DEBUG_POISON: NaN into this rank's RETURN slabs before a launch, so a result row the combine
+        reads before anyone wrote it shows up. (Peers write them only after this rank's dispatch, so this
+        never races with a peer; the DISPATCH slabs are left alone: a faster peer may be filling them.)"""
+        start = self.data[1]
+        self.heap_rows[start:start + self.world * self.slab_elems].fill_(float("nan"))
+
+    def h_buffer(self, rows: int) -> torch.Tensor:
+        inner = self.cfg.ffn_hidden_size
+        if self.world == 1:
+            return torch.empty(rows, inner, dtype=self.dtype, device=self.device)
+        if self._h is None:
+            self._h = torch.empty(self.max_rows, inner, dtype=self.dtype, device=self.device)
+        return self._h
+
+    def check(self) -> None:
+        """Raise the error of an earlier launch that gave up waiting (GPU: seen from the next call, no sync)."""
+        if self.failed is not None:
+            raise RuntimeError(f"rank {self.rank}: an earlier fused forward failed ({self.failed}); the heap's "
+                               "sequence numbers no longer agree across ranks: recreate the layer on every rank")
+        code = int(self.status[0])
+        if code:
+            self.failed = self._describe(code, self.status.tolist())
+            if code in (1, 2):
+                raise ExchangeTimeout(self.failed)
+            raise RuntimeError(self.failed)
+
+    def _describe(self, code: int, st: list) -> str:
+        _, rank, peer, region, slot, expected, seen = st[:7]
+        el = self.cfg.num_experts // self.world
+        if code in (1, 2):
+            owner = rank if region == 0 else peer
+            return (f"rank {rank}: timed out after {self.timeout_s:g} s waiting for peer {peer}: "
+                    f"{REGION_NAMES[region]} slot (src={peer}, expert {slot} = global expert {owner * el + slot}) "
+                    f"expected sequence {expected}, saw {seen >> 32}. The peer is dead, slow, or skipped a forward "
+                    "(every rank must run each forward of the layer)")
+        if code == 3:
+            return (f"rank {rank}: peer {peer} signalled {seen} rows in the dispatch region, more than the "
+                    f"{expected}-row slab it may fill")
+        what = {0: "the routing barrier", 2: "the tile counters (more row tiles than sized for)",
+                3: "the up-projection tiles of a row tile"}.get(region, "a local counter")
+        return f"rank {rank}: the fused kernel timed out waiting for {what} on its own rank (slot {slot}): a bug"
+
+
+def _state(cfg: MoEConfig, dtype: torch.dtype, device: torch.device, ep, num_tokens: int) -> FusedState:
+    """The state for this call: on the ExpertParallel object (collective allocation on first use), or one per
+    (device, dtype, shape) shared by all single-device layers, grown (re-created) when T outgrows it."""
+    device = torch.device(device)
+    if ep is not None:
+        key = ("fused", dtype, device)
+        states = ep.backend_state
+        if key not in states:
+            layout = ep.layout_for(dtype)
+            if ep.world_size == 1 and ep.transport not in ONE_SIDED:
+                states[key] = FusedState(cfg, dtype, device, ep.max_tokens_per_rank, ep.timeout_s)
+                return states[key]
+            if ep.transport == "shm":
+                from .dist.shm import ShmHeap
+                heap = ShmHeap(layout, ep.group)
+            else:
+                from .dist.nvshmem import NvshmemHeap
+                heap = NvshmemHeap(layout, ep.group, device)
+            states[key] = FusedState(cfg, dtype, device, ep.max_tokens_per_rank, ep.timeout_s, heap, layout,
+                                     ep.world_size, ep.rank)
+        return states[key]
+    key = (device, dtype, cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.ffn_hidden_size)
+    state = _LOCAL_STATES.get(key)
+    if state is None or state.tokens_cap < num_tokens:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"backend='fused': a forward of {num_tokens} tokens needs a larger persistent state "
+                               "than exists, and it cannot be allocated during CUDA-graph capture: run one eager "
+                               "forward with the largest token count first")
+        cap = max(num_tokens, 2 * state.tokens_cap if state is not None else 1)
+        state = FusedState(cfg, dtype, device, cap, env.ep_timeout_s())
+        _LOCAL_STATES[key] = state
+    return state
+
+
+_LOCAL_STATES: dict = {}
+
+
+def release_states() -> int:
+    """Free the persistent state of single-device fused layers (heap, counters: about T*k*H elements for the
+    largest T seen, per device, dtype and shape); the next forward allocates it again. Returns how many states
+    were released. Expert-parallel states belong to their ExpertParallel and are freed by its close()."""
+    n = len(_LOCAL_STATES)
+    _LOCAL_STATES.clear()
+    return n
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One launch (or its record, for the compile gate)
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Call:
+    """The tensors and switches of one forward's kernel launch."""
+
+    x: torch.Tensor
+    route_in: Optional[torch.Tensor]  # logits [T, E] ("logits"), weights [T, k] ("given"), None ("compute")
+    ids: Optional[torch.Tensor]  # given routing: [T, k] int64
+    addend: Optional[torch.Tensor]
+    params: MoEParams
+    routing_mode: str  # "compute" | "logits" | "given"
+    save: bool
+
+
+def _dot_flags(dtype: torch.dtype, target: str) -> dict:
+    """As the Triton backend: UPCAST bf16 dot operands only under the interpreter (Triton issue 11584); fp32
+    operands use tf32 exactly when PyTorch's fp32 matmuls may."""
+    interpreting = target == "interpreter"
+    tf32 = target != "interpreter" and (_PLANNING or torch.backends.cuda.matmul.allow_tf32)
+    precision = "tf32" if dtype == torch.float32 and tf32 else "ieee"
+    return {"UPCAST": interpreting and dtype == torch.bfloat16, "PRECISION": precision}
+
+
+_PLANNING = False
+
+
+def _puts(state: FusedState) -> str:
+    wanted = env.fused_puts()
+    if state.world == 1 or wanted == "auto":
+        return "ptr"
+    if wanted == "nvshmem" and state.device.type != "cuda":
+        raise BackendUnavailable("FLASHMOE_FUSED_PUTS=nvshmem needs CUDA tensors (device NVSHMEM calls); the "
+                                 "interpreter runs the 'ptr' puts")
+    return wanted
+
+
+def _prepare(state: FusedState, call: _Call, target: str, nprog: int, puts: str):
+    """(args, constexprs, num_warps, num_stages, outputs) of the launch for `call`."""
+    fused, configs = _kernels()
+    cfg, x, p = state.cfg, call.x, call.params
+    t, hidden = x.shape
+    k, e, inner, w = cfg.top_k, cfg.num_experts, cfg.ffn_hidden_size, state.world
+    el = e // w
+    dev, acc = x.device, _acc_dtype(x.dtype)
+    act, gated = _GATE_ACT[cfg.activation]
+    regime = configs.regime(t * k, e)
+    bm, bn0, bk0, bn1, bk1, warps, stages = configs.fused_config(target, regime, x.dtype.itemsize, puts)
+    aux = configs.FUSED_AUX[target]
+    e_pad = max(16, _pow2(e))
+    bt = configs.fused_block_t(target, e_pad)
+    nb, nc = max(1, _cdiv(t, bt)), max(1, _cdiv(t, aux["BTC"]))
+    rows = t * k if w == 1 else state.max_rows
+    if nb > state.max_blocks or t > state.tokens_cap:
+        raise ValueError(f"x: {t} tokens exceed the fused state's {state.tokens_cap}")
+
+    poison = env.debug_poison() and not _PLANNING
+
+    def out(shape, dtype):
+        t = torch.empty(shape, dtype=dtype, device=dev)
+        if poison and t.numel():  # tests: an element the kernel forgets to write shows up
+            t.fill_(float("nan") if dtype.is_floating_point else -2**30)
+        return t
+
+    given = call.routing_mode == "given"
+    ids = call.ids if given else out((t, k), torch.int64)
+    wts = call.route_in if given else out((t, k), acc)
+    scores = out((t, e), acc) if not given else None
+    logits = call.route_in if call.routing_mode == "logits" else (out((t, e), acc) if not given else None)
+    order, slot_of = out((t * k,), torch.int32), out((t * k,), torch.int32)
+    h = state.h_buffer(rows)
+    if poison:
+        h.fill_(float("nan"))
+        state.poison_results()
+    pre = out((rows, cfg.up_size), x.dtype) if call.save else None
+    stats, losses = out((e + 2 + w,), torch.int64), out((3,), acc)
+    res = dict(out=out((t, hidden), x.dtype), ids=ids, weights=wts, scores=scores, logits=logits, order=order,
+               slot_of=slot_of, h=h, pre=pre, stats=stats, losses=losses)
+    scale = float(cfg.routed_scaling_factor)
+    scale_hi = float(torch.tensor(scale, dtype=torch.float32))
+    timer = target != "interpreter"
+    limit = int(state.timeout_s * 1e9) if timer else max(1, int(state.timeout_s / INTERPRETER_SPIN_S))
+    router = p.router_weight
+    native = (not given and router is not None and router.dtype == x.dtype
+              and x.dtype in (torch.bfloat16, torch.float16) and target != "interpreter")
+    args = dict(
+        out_ptr=res["out"], ids_ptr=ids, wts_ptr=wts, scores_ptr=scores, logits_ptr=logits, order_ptr=order,
+        slot_ptr=slot_of, h_ptr=h, pre_ptr=pre, stats_ptr=stats, loss_ptr=losses,
+        x_ptr=x, router_ptr=router if call.routing_mode == "compute" else None,
+        ebias_ptr=p.expert_bias if (cfg.expert_bias and not given) else None, addend_ptr=call.addend,
+        w_up_ptr=p.w_up, b_up_ptr=p.b_up, w_down_ptr=p.w_down, b_down_ptr=p.b_down,
+        sync_ptr=state.sync, table_ptr=state.table, part_ptr=state.part, heap_rows=state.heap_rows,
+        heap_words=state.heap_words, rows_delta_ptr=state.rows_delta, words_delta_ptr=state.words_delta,
+        counts_ptr=state.counts, gstart_ptr=state.gstart, heap_addr=state.heap_addr, status_addr=state.status_addr,
+        T=t, H=hidden, INNER=inner, me=state.rank, NB=nb, NC=nc, nprog=nprog, HALF=state.half,
+        G_MAX=state.max_tiles, slab_rows=state.layout.slab_rows, slab_elems=state.slab_elems, data0=state.data[0],
+        data1=state.data[1], sig0=state.sig[0], sig1=state.sig[1], limit=limit, scale_hi=scale_hi,
+        scale_lo=scale - scale_hi, lb_coef=float(cfg.aux_loss_coef), z_coef=float(cfg.z_loss_coef))
+    constexprs = dict(
+        ROUTING=call.routing_mode, PUTS=puts, USE_TIMER=timer, E=e, EL=el, W=w, TOPK=k, ACT=act, GATED=gated,
+        HAS_BIAS=p.b_up is not None, HAS_ADDEND=call.addend is not None, SAVE_PRE=call.save, NATIVE_DOT=native,
+        GROUPS=cfg.num_expert_groups, TOPK_GROUPS=cfg.topk_groups, SIGMOID=cfg.score_func == "sigmoid",
+        HAS_EBIAS=cfg.expert_bias and not given, RENORM=cfg.renormalize, ITEM=x.dtype.itemsize,
+        ROW_BYTES=hidden * x.dtype.itemsize, E_PAD=e_pad, EL_PAD=max(2, _pow2(el)), W_PAD=max(2, _pow2(w)),
+        K_PAD=max(2, _pow2(k)), G_PAD=max(2, _pow2(cfg.num_expert_groups)), BT=bt, BTC=aux["BTC"], BR=aux["BR"],
+        BH=aux["BH"], CB=aux["CB"], TN0=aux["TN0"], TN1=aux["TN1"], BM=bm, BN0=bn0, BK0=bk0, BN1=bn1, BK1=bk1,
+        EVEN_K0=hidden % bk0 == 0,
+        EVEN_K1=inner % bk1 == 0, **_dot_flags(x.dtype, target))
+    tags = {"regime": regime, "config": f"{bm}x{bn0}x{bk0}/{bn1}x{bk1} w{warps} s{stages}", "puts": puts}
+    return args, constexprs, warps, stages, tags, res
+
+
+_MODULES_READY: set = set()
+
+
+def _launch(state: FusedState, call: _Call) -> tuple[dict, int]:
+    """Run the kernel for `call`: one launch (GPU) or one per phase (interpreter). Returns (outputs, launches)."""
+    fused, _ = _kernels()
+    target = _target(state.device)
+    if target == "interpreter":
+        nprog = INTERPRETER_PROGRAMS
+    else:
+        sms = torch.cuda.get_device_properties(state.device).multi_processor_count
+        nprog = sms * PROGRAMS_PER_SM
+    puts = _puts(state)
+    args, constexprs, warps, stages, _, res = _prepare(state, call, target, nprog, puts)
+    options = dict(num_warps=warps, num_stages=stages)
+    if puts == "nvshmem":
+        options["extern_libs"] = _nvshmem_libs(target)
+    kernel = fused.fused_moe_kernel
+    if target == "interpreter":
+        for phase in ("route", "dispatch", "gemm0", "gemm1", "combine"):
+            kernel[(nprog,)](**args, PHASE=fused.PHASES[phase], **constexprs, **options)
+        return res, 5
+    with torch.cuda.device(state.device):
+        if puts == "nvshmem":
+            _init_nvshmem_module(kernel, nprog, args, constexprs, options)
+        kernel[(nprog,)](**args, PHASE=fused.PHASES["all"], **constexprs, **options)
+    return res, 1
+
+
+def _nvshmem_libs(target: str) -> tuple:
+    from .kernels import nvshmem as nv
+
+    return nv.extern_libs(90 if target == "sm_90" else 80)
+
+
+def _init_nvshmem_module(kernel, nprog, args, constexprs, options) -> None:
+    """NVSHMEM device code needs its CUDA module initialised (nvshmem4py cumodule_init) before the first launch:
+    compile without launching, initialise, then launch from the same cache entry."""
+    compiled = kernel.warmup(**args, PHASE=0, **constexprs, **options, grid=(nprog,))
+    compiled._init_handles()
+    handle = int(compiled.module)
+    if handle not in _MODULES_READY:
+        import nvshmem.bindings
+
+        status = nvshmem.bindings.cumodule_init(handle)
+        if status not in (None, 0):
+            raise RuntimeError(f"nvshmem cumodule_init failed with status {status}")
+        _MODULES_READY.add(handle)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------------
+
+class _Run:
+    """One forward: launches the kernel and holds what backward needs (no math of its own)."""
+
+    def __init__(self, state: FusedState, cfg: MoEConfig, call: _Call, ep):
+        self.state, self.cfg, self.call, self.ep = state, cfg, call, ep
+        self.res: dict = {}
+        self.launches = 0
+
+    def forward(self, save: bool) -> torch.Tensor:
+        self.call.save = save and self.state.world == 1
+        self.state.check()
+        self.res, self.launches = _launch(self.state, self.call)
+        if self.state.device.type != "cuda":
+            self.state.check()  # free on CPU: the launch has finished
+        return self.res["out"]
+
+
+class _FusedFunction(torch.autograd.Function):
+    """out = the routed experts' combined output (+ addend); differentiable w.r.t. x, route_in (router logits or
+    caller weights), addend and the expert parameters."""
+
+    @staticmethod
+    def forward(ctx, x, route_in, addend, w_up, w_down, b_up, b_down, run):
+        out = run.forward(save=True)
+        r = run.res
+        ctx.run = run
+        ctx.addend_dtype = None if addend is None else addend.dtype
+        ctx.save_for_backward(x, route_in, w_up, w_down, b_up, b_down, r["weights"], r["ids"], r["order"],
+                              r["slot_of"], r["stats"], r["h"] if run.call.save else None, r["pre"])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, route_in, w_up, w_down, b_up, b_down, weights, ids, order, slot_of, stats, h, pre = ctx.saved_tensors
+        run = ctx.run
+        cfg, need = run.cfg, ctx.needs_input_grad
+        e, k = cfg.num_experts, cfg.top_k
+        counts = stats[:e]
+        need_dparams = any(need[3:7])
+        if run.state.world == 1:
+            from .triton_backend import experts_bwd_impl
+
+            dx, dweights, dw_up, dw_down, db_up, db_down = experts_bwd_impl(
+                grad_out, x, weights, order, counts.to(torch.int32), slot_of, w_up, w_down, b_up, b_down, h, pre,
+                cfg.activation, k, cfg.deterministic, need[0], need[1], need_dparams)
+        else:
+            dx, dweights, dw_up, dw_down, db_up, db_down = _ep_backward(run, grad_out, x, weights, order, slot_of,
+                                                                        counts, w_up, w_down, b_up, b_down, need)
+        d_route = None
+        if need[1]:
+            if run.call.routing_mode == "given":
+                d_route = dweights
+            else:  # route_in = logits: weights_from_scores(scores(logits)) re-expressed, as the Triton backend does
+                with torch.enable_grad():
+                    logits = route_in.detach().requires_grad_()
+                    expr = weights_from_scores(scores_from_logits(logits, cfg.score_func), ids, cfg)
+                    d_route = torch.autograd.grad(expr, logits, dweights.to(expr.dtype))[0] \
+                        if expr.requires_grad else torch.zeros_like(logits)
+        return (dx if need[0] else None, d_route, grad_out.to(ctx.addend_dtype) if need[2] else None,
+                dw_up if need[3] else None, dw_down if need[4] else None,
+                db_up if need[5] and b_up is not None else None, db_down if need[6] and b_down is not None else None,
+                None)
+
+
+def _ep_backward(run: _Run, grad_out, x, weights, order, slot_of, counts, w_up, w_down, b_up, b_down, need):
+    """Recompute the routed part through the transport's host-driven exchanges and the Triton backend's expert
+    FFN, then differentiate it (every rank must run backward: the exchanges are collective)."""
+    from . import triton_backend
+    from .dist.forward import combine, exchange_experts
+
+    cfg, ep = run.cfg, run.ep
+    k = cfg.top_k
+    with torch.enable_grad():
+        x_l = x.detach().requires_grad_(need[0])
+        w_l = weights.detach().requires_grad_(need[1])
+        leaves = [None if p is None else p.detach().requires_grad_(n) for p, n in zip((w_up, w_down, b_up, b_down),
+                                                                                   need[3:7])]
+        order64 = order.long()
+        send_counts = counts.view(ep.world_size, ep.num_local_experts).cpu()  # the unfused path's host sync
+        send_rows = x_l.index_select(0, order64 // k)
+        exchange = ep.exchange_for(x.dtype, x.device)
+        y_rows, _ = exchange_experts(send_rows, send_counts, exchange, triton_backend.expert_ffn, cfg.activation,
+                                     *leaves)
+        routed = combine(y_rows, ExpertOrder(order64, counts, slot_of.long()), w_l, cfg.deterministic)
+        inputs = [t for t in (x_l, w_l, *leaves) if t is not None and t.requires_grad]
+        grads = torch.autograd.grad(routed, inputs, grad_out.to(routed.dtype), allow_unused=True)
+    found = iter(grads)
+
+    def take(t):
+        if t is None or not t.requires_grad:
+            return None
+        g = next(found)
+        return torch.zeros_like(t) if g is None else g
+
+    dx, dweights = take(x_l), take(w_l)
+    dw_up, dw_down, db_up, db_down = (take(t) for t in leaves)
+    return dx, dweights, dw_up, dw_down, db_up, db_down
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The backend entry point
+# ----------------------------------------------------------------------------------------------------------
+
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _contig(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _value_with_grad_of(value: torch.Tensor, expr: torch.Tensor) -> torch.Tensor:
+    return value + (expr - expr.detach())
+
+
+def moe_forward(x2d: torch.Tensor, params: MoEParams, cfg: MoEConfig, routing: Optional[Routing] = None,
+                expert_parallel=None) -> MoEOutput:
+    """x2d [T, H] (validated, flattened) -> MoEOutput with out [T, H] in x.dtype. With `expert_parallel`
+    (collective), x2d holds this rank's tokens and params this rank's experts. No host synchronisation."""
+    ep = expert_parallel
+    reason = unsupported_reason(cfg, ep)
+    if reason is not None:
+        raise BackendUnavailable(f"backend='fused' cannot run this layer: {reason}")
+    t, k, e = x2d.shape[0], cfg.top_k, cfg.num_experts
+    if ep is None and t == 0:
+        from . import reference  # nothing to launch; the reference handles the empty shapes
+
+        result = reference.moe_forward(x2d, params, cfg, routing)
+        result.out = result.out + x2d * 0
+        result.backend = "fused"
+        return result
+    if ep is not None:
+        ep.check_tokens(t)
+    x2d = x2d.contiguous()
+    state = _state(cfg, x2d.dtype, x2d.device, ep, t)
+    p = MoEParams(router_weight=_contig(params.router_weight), w_up=_contig(params.w_up),
+                  w_down=_contig(params.w_down), expert_bias=_contig(params.expert_bias), b_up=_contig(params.b_up),
+                  b_down=_contig(params.b_down))
+    expert_tensors = (p.w_up, p.w_down, p.b_up, p.b_down)
+
+    logits_pt = None
+    if routing is not None:
+        mode, route_in, ids = "given", routing.topk_weights.contiguous(), routing.topk_ids.contiguous()
+    elif _wants_grad(x2d, params.router_weight):
+        logits_pt = router_logits(x2d, params.router_weight)  # the router's gradient goes through PyTorch
+        mode, route_in, ids = "logits", logits_pt.contiguous(), None
+    else:
+        mode, route_in, ids = "compute", None, None
+    addend = None
+    if cfg.num_shared_experts > 0:
+        from .reference import shared_expert  # plain PyTorch matmuls (DESIGN §4 allows it)
+
+        addend = shared_expert(x2d, params, cfg)
+    call = _Call(x2d, route_in if mode != "logits" else logits_pt.detach().contiguous(), ids, addend, p, mode, False)
+    run = _Run(state, cfg, call, ep)
+    if _wants_grad(x2d, route_in, addend, *expert_tensors):
+        out = _FusedFunction.apply(x2d, route_in, addend, *expert_tensors, run)
+    else:
+        out = run.forward(save=False)
+    res = run.res
+
+    stats_t = res["stats"]
+    w = state.world
+    distributed = ep is not None
+    stats = MoEStats(tokens_per_expert=stats_t[:e], dropped=stats_t[e],
+                     bytes_sent=stats_t[e + 1] if distributed else 0,
+                     rows_per_peer=stats_t[e + 2:e + 2 + w] if distributed else None, kernel_launches=run.launches,
+                     host_syncs=0)
+    if mode == "given":
+        lb, z, aux = res["losses"][0], res["losses"][1], res["losses"][2]
+        routing_out = routing
+    else:
+        scores, weights = res["scores"], res["weights"]
+        logits = res["logits"]
+        if logits_pt is not None:
+            scores_pt = scores_from_logits(logits_pt, cfg.score_func)
+            scores = _value_with_grad_of(scores, scores_pt)
+            weights = _value_with_grad_of(weights, weights_from_scores(scores_pt, res["ids"], cfg))
+            logits = logits_pt
+        routing_out = Routing(res["ids"], weights, state.true.expand(t, k), logits, scores)
+        if logits_pt is not None:  # losses with their gradient, through PyTorch
+            lb, z = routing_losses(routing_out, e, stats_t[:e])
+            aux = cfg.aux_loss_coef * lb + cfg.z_loss_coef * z
+        else:
+            lb, z, aux = res["losses"][0], res["losses"][1], res["losses"][2]
+    return MoEOutput(out=out, routing=routing_out, aux_loss=aux, lb_loss=lb, z_loss=z, stats=stats, backend="fused")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# For the compile gate: the launch a forward would make, on meta tensors
+# ----------------------------------------------------------------------------------------------------------
+
+def plan_launches(cfg: MoEConfig, dtype: torch.dtype, num_tokens: int, target: str, world: int = 1,
+                  puts: str = "ptr", routing_mode: str = "compute", save: bool = False) -> list:
+    """The fused kernel launch of a forward of `cfg` on `num_tokens` tokens per rank of `dtype` on `target`
+    (a Launch record of triton_backend), built on meta tensors without running anything."""
+    global _PLANNING
+    from .triton_backend import Launch
+
+    fused, configs = _kernels()
+    meta = torch.device("meta")
+    e, k, hidden = cfg.num_experts, cfg.top_k, cfg.hidden_size
+    el = e // world
+    layout = HeapLayout.for_layer(world, el, k, num_tokens, hidden, dtype.itemsize) if world > 1 else None
+    state = FusedState(cfg, dtype, meta, num_tokens, 60.0, None, layout, world, 0, meta=True)
+    acc = _acc_dtype(dtype)
+    x = torch.empty(num_tokens, hidden, dtype=dtype, device=meta)
+    p = MoEParams(router_weight=torch.empty(e, hidden, dtype=dtype, device=meta),
+                  w_up=torch.empty(el, hidden, cfg.up_size, dtype=dtype, device=meta),
+                  w_down=torch.empty(el, cfg.ffn_hidden_size, hidden, dtype=dtype, device=meta),
+                  expert_bias=torch.empty(e, dtype=torch.float32, device=meta) if cfg.expert_bias else None,
+                  b_up=torch.empty(el, cfg.up_size, dtype=dtype, device=meta) if cfg.bias else None,
+                  b_down=torch.empty(el, hidden, dtype=dtype, device=meta) if cfg.bias else None)
+    route_in = {"compute": None, "logits": torch.empty(num_tokens, e, dtype=acc, device=meta),
+                "given": torch.empty(num_tokens, k, dtype=acc, device=meta)}[routing_mode]
+    ids = torch.empty(num_tokens, k, dtype=torch.int64, device=meta) if routing_mode == "given" else None
+    addend = torch.empty(num_tokens, hidden, dtype=acc, device=meta) if cfg.num_shared_experts else None
+    call = _Call(x, route_in, ids, addend, p, routing_mode, save and world == 1)
+    saved, _PLANNING = _PLANNING, True
+    try:
+        args, constexprs, warps, stages, tags, _ = _prepare(state, call, target, 132, puts)
+    finally:
+        _PLANNING = saved
+    constexprs = dict(constexprs, PHASE=fused.PHASES["all"])
+    if puts == "nvshmem":
+        tags["extern_libs"] = _nvshmem_libs(target)
+    name = f"fused[{puts}]"
+    return [Launch(name, fused.fused_moe_kernel, (132,), args, constexprs, warps, stages, tags)]
+
+
+__all__ = ["FusedState", "auto_reason", "moe_forward", "plan_launches", "release_states", "unavailable_reason",
+           "unsupported_reason"]

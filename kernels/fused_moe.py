@@ -1,0 +1,771 @@
+"""The persistent fused MoE kernel (DESIGN §6): routing, dispatch, expert GEMMs, return and combine of one
+MoE layer forward on one rank, in one launch.
+
+A persistent grid (one program per SM on a GPU) works through five kinds of tasks, claimed one at a time
+from device counters in a fixed order; a task waits only on flags and counters that tasks of an earlier
+kind set, here or on a peer rank:
+
+  ROUTE     token block b: router logits (x @ router_weight^T in fp32, or given), scores, top-k, weights;
+            per-expert counts of the block into a table; loss partials. The last route task turns the
+            table into per-block offsets, writes counts / stats / losses, signals every empty packet and
+            raises the `routed` flag (the grid-wide barrier before packet offsets exist).
+  DISPATCH  token block b: order/slot_of of its assignments (sorted by global expert, token order within
+            an expert: the Triton backend's layout); rows bound for other ranks are staged in this rank's
+            own DISPATCH slab. The task that completes packet (dst, e) puts it to dst and signals it.
+  GEMM0     first W tasks RECV(s): wait for source s's packet signals (seq << 32 | count), signal s's empty
+            return packets, mark s ready. Then (g, group): row tile g of the received packets (sources in
+            the order me, me+1, ...; a tile never spans two packets), TN0 inner column tiles:
+            h = act(x_rows @ w_up[e]) (gated: act(gate) * up), rows gathered from x (own tokens) or read
+            from the receive slab; adds TN0 finished column tiles to row tile g's counter.
+  GEMM1     (g, group): waits until all GEMM0 column tiles of g are done; for TN1 hidden column tiles
+            y = h @ w_down[e] + b_down in the layer dtype, stored in place of the consumed input rows (other
+            sources) or straight into the own RETURN slab (own tokens). The task completing packet (s, e)
+            puts it back to s and signals it.
+  COMBINE   token block: waits for every RETURN signal, then out_t = sum_j w_tj * y_tj (fp32, slot order)
+            (+ the shared-expert addend).
+
+Sequence numbers instead of resets: `sync[EPOCH]` counts finished launches; signals of launch n carry
+seq = n + 1; per-launch counters live in one of two halves of `sync` (n % 2), and launch n zeroes the other
+half for launch n + 1 while it routes. The last program to finish bumps the epoch. So nothing is reset from
+the host, and a CUDA graph replays correctly.
+
+Waits are bounded spins (GPU: %globaltimer nanoseconds; the interpreter: iterations). A wait that gives up
+sets sync[ABORT] (first one wins) and writes what it waited for to `status` (code, rank, peer, region,
+slot, expected seq, word seen); every later wait then returns at once and the launch drains. The host
+turns the status into an error naming rank, peer and slot.
+
+The interpreter runs a launch's programs one after another, so a program must never wait on a later
+program of its own launch: the host launches PHASE = ROUTE, DISPATCH, GEMM0, GEMM1, COMBINE one after
+another there (each phase only waits on earlier phases, or on peer processes, which run concurrently);
+GPUs run PHASE = ALL. Remote writes: PUTS = "ptr" stores through peer-mapped addresses (the shm heap, or
+NVLink peers of an NVSHMEM heap); PUTS = "nvshmem" calls nvshmemx_putmem_signal_nbi_block (kernels/nvshmem.py).
+
+Heap addressing (flashmoe_py/dist/layout.py): heap_rows / heap_words are this rank's segment viewed as
+the layer dtype / int64; a peer's copy of an offset is at `+ rows_delta[peer]` / `+ words_delta[peer]`
+elements (ptr), or at the same symmetric address on PE `peer` (nvshmem, addresses from heap_addr).
+"""
+
+import triton
+import triton.language as tl
+
+from . import nvshmem
+from .common import act_fwd
+from .experts import gemm_tile, up_tile
+from .routing import select_topk
+
+# PHASE values (the host uses PHASES)
+PHASES = {"all": 0, "route": 1, "dispatch": 2, "gemm0": 3, "gemm1": 4, "combine": 5}
+_ALL = tl.constexpr(0)
+_ROUTE = tl.constexpr(1)
+_DISPATCH = tl.constexpr(2)
+_GEMM0 = tl.constexpr(3)
+_GEMM1 = tl.constexpr(4)
+_COMBINE = tl.constexpr(5)
+
+# sync words (int32): header, then two halves of per-launch counters. Half layout (offsets in a half):
+#   CLAIM[5] task claim counters per phase, ROUTE_DONE, ROUTED flag, DONE (finished programs),
+#   READY[W] source s decoded, WRITTEN[E] rows staged per global expert, PKT[E] finished GEMM1 tiles per
+#   received packet (source * E_local + expert), RCOUNT[E] the received packet counts (copied by RECV: a
+#   peer that has finished this launch may already overwrite its signal words with the next launch's),
+#   TILE[G_MAX] finished GEMM0 column tiles per row tile.
+SYNC_HEADER = 8
+_EPOCH = tl.constexpr(0)
+_ABORT = tl.constexpr(1)
+_HALF0 = tl.constexpr(SYNC_HEADER)
+_CLAIM = tl.constexpr(0)
+_ROUTE_DONE = tl.constexpr(5)
+_ROUTED = tl.constexpr(6)
+_DONE = tl.constexpr(7)
+_READY = tl.constexpr(8)
+
+
+def half_words(world: int, num_experts: int, max_tiles: int) -> int:
+    """int32 words of one half of `sync` (READY, WRITTEN, PKT, RCOUNT and TILE follow the fixed counters)."""
+    return SYNC_HEADER + world + 3 * num_experts + max_tiles
+
+
+# Status codes (status[0]); the host names them.
+STATUS = {1: "dispatch", 2: "return", 3: "count", 4: "local"}
+_ST_DISPATCH = tl.constexpr(1)  # timed out waiting for a peer's packet signal (DISPATCH region)
+_ST_RETURN = tl.constexpr(2)  # timed out waiting for a result packet (RETURN region)
+_ST_COUNT = tl.constexpr(3)  # a peer signalled more rows than its slab holds
+_ST_LOCAL = tl.constexpr(4)  # a wait on this rank's own programs timed out (detail: which)
+_MASK32 = tl.constexpr(0xFFFFFFFF)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Waits, failure, puts
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _now(USE_TIMER: tl.constexpr):
+    """GPU: the global nanosecond timer. Interpreter (no inline asm): 0, and waits count iterations."""
+    if USE_TIMER:
+        t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
+                                      pack=1)
+    else:
+        t = tl.full([], 0, tl.int64)
+    return t
+
+
+@triton.jit
+def _wait_counter(ptr, target, sync_ptr, limit, USE_TIMER: tl.constexpr):
+    """Acquire-spin until the int32 at ptr is >= target. False on timeout (limit ns or iterations) or abort."""
+    v = tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
+    start = _now(USE_TIMER)
+    spent = start * 0
+    stop = tl.load(sync_ptr + _ABORT, volatile=True)
+    while (v < target) & (spent < limit) & (stop == 0):
+        v = tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
+        stop = tl.load(sync_ptr + _ABORT, volatile=True)
+        if USE_TIMER:
+            spent = _now(USE_TIMER) - start
+        else:
+            spent += 1
+    tl.debug_barrier()
+    return v >= target
+
+
+@triton.jit
+def _wait_words(ptrs, ok, seq, sync_ptr, limit, USE_TIMER: tl.constexpr):
+    """Acquire-spin until every signal word at ptrs[ok] carries sequence `seq` (word >> 32).
+    Returns (all arrived, the words last seen)."""
+    w = tl.atomic_add(ptrs, 0, mask=ok, sem="acquire", scope="sys")
+    pending = tl.sum((ok & ((w >> 32) != seq)).to(tl.int32), 0)
+    start = _now(USE_TIMER)
+    spent = start * 0
+    stop = tl.load(sync_ptr + _ABORT, volatile=True)
+    while (pending > 0) & (spent < limit) & (stop == 0):
+        w = tl.atomic_add(ptrs, 0, mask=ok, sem="acquire", scope="sys")
+        pending = tl.sum((ok & ((w >> 32) != seq)).to(tl.int32), 0)
+        stop = tl.load(sync_ptr + _ABORT, volatile=True)
+        if USE_TIMER:
+            spent = _now(USE_TIMER) - start
+        else:
+            spent += 1
+    tl.debug_barrier()
+    return pending == 0, w
+
+
+@triton.jit
+def _fail(sync_ptr, status_addr, code, me, peer, region, slot, expected, seen):
+    """Abort the launch; the first failure records what it waited for (status: code, rank, peer, region,
+    slot, expected sequence, word seen)."""
+    old = tl.atomic_cas(sync_ptr + _ABORT, 0, code)
+    if old == 0:
+        st = status_addr.to(tl.pointer_type(tl.int64))
+        tl.store(st + 1, me)
+        tl.store(st + 2, peer)
+        tl.store(st + 3, region)
+        tl.store(st + 4, slot)
+        tl.store(st + 5, expected)
+        tl.store(st + 6, seen)
+        tl.store(st, code)
+
+
+@triton.jit
+def _first_missing(w, ok, seq, idx, PAD: tl.constexpr):
+    """(index, word) of the first lane of ok whose word lacks sequence seq; idx = arange(PAD)."""
+    first = tl.min(tl.where(ok & ((w >> 32) != seq), idx, PAD), 0)
+    return first, tl.sum(tl.where(idx == first, w, 0), 0)
+
+
+@triton.jit
+def _copy_rows(dst_ptr, src_ptr, n_rows, H, BR: tl.constexpr, BH: tl.constexpr):
+    """n_rows rows of H elements (row stride H) from src_ptr to dst_ptr."""
+    r = tl.arange(0, BR)
+    c = tl.arange(0, BH)
+    for r0 in range(0, n_rows, BR):
+        rows = r0 + r
+        for c0 in range(0, H, BH):
+            m = (rows < n_rows)[:, None] & ((c0 + c) < H)[None, :]
+            off = rows.to(tl.int64)[:, None] * H + (c0 + c)[None, :]
+            tl.store(dst_ptr + off, tl.load(src_ptr + off, mask=m), mask=m)
+
+
+@triton.jit
+def _signal_remote(heap_words, words_delta_ptr, heap_addr, dst, idx, word, PUTS: tl.constexpr):
+    """Release-store `word` into word idx of rank dst's segment (a peer)."""
+    if PUTS == "nvshmem":
+        nvshmem.signal_set(heap_addr + idx.to(tl.int64) * 8, word, dst)
+    else:
+        delta = tl.load(words_delta_ptr + dst)
+        tl.atomic_xchg(heap_words + delta + idx, word, sem="release", scope="sys")
+
+
+@triton.jit
+def _put_packet(heap_rows, heap_words, rows_delta_ptr, words_delta_ptr, heap_addr, dst, src_off, dst_off, n_rows, H,
+                sig_idx, word, PUTS: tl.constexpr, ITEM: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr):
+    """Rows at element offset src_off of this rank's segment -> element offset dst_off of rank dst's, then
+    dst's signal word sig_idx = word, ordered after the rows (every thread's stores precede the release)."""
+    if PUTS == "nvshmem":
+        nvshmem.putmem_signal_block(heap_addr + dst_off.to(tl.int64) * ITEM, heap_addr + src_off.to(tl.int64) * ITEM,
+                                    n_rows.to(tl.int64) * H * ITEM, heap_addr + sig_idx.to(tl.int64) * 8, word, dst)
+    else:
+        delta = tl.load(rows_delta_ptr + dst)
+        _copy_rows(heap_rows + delta + dst_off, heap_rows + src_off, n_rows, H, BR, BH)
+        tl.debug_barrier()
+        wdelta = tl.load(words_delta_ptr + dst)
+        tl.atomic_xchg(heap_words + wdelta + sig_idx, word, sem="release", scope="sys")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tasks
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _route_task(b, x_ptr, router_ptr, ebias_ptr, logits_ptr, ids_ptr, wts_ptr, scores_ptr, table_ptr, part_ptr,
+                T, H, scale_hi, scale_lo,
+                ROUTING: tl.constexpr, NATIVE_DOT: tl.constexpr, E: tl.constexpr, TOPK: tl.constexpr,
+                GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr, SIGMOID: tl.constexpr, HAS_EBIAS: tl.constexpr,
+                RENORM: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr, G_PAD: tl.constexpr,
+                BT: tl.constexpr, BK: tl.constexpr):
+    """Route tokens [b*BT, b*BT+BT): ids/weights/scores (and logits when computed here); block counts per
+    expert into table[b]; loss partials (sum of scores per expert, sum of logsumexp^2) into part[b]."""
+    rows = b.to(tl.int64) * BT + tl.arange(0, BT)
+    row_ok = rows < T
+    ex = tl.arange(0, E_PAD)
+    ex_ok = ex < E
+    kx = tl.arange(0, K_PAD)
+    k_mask = row_ok[:, None] & (kx < TOPK)[None, :]
+    if ROUTING == "given":
+        ids = tl.load(ids_ptr + rows[:, None] * TOPK + kx[None, :], mask=k_mask, other=E)
+        hits = tl.zeros((BT, E_PAD), tl.int32)
+        for j in tl.static_range(TOPK):
+            e_j = tl.sum(tl.where((kx == j)[None, :], ids, 0), 1)
+            hits += (ex[None, :] == e_j[:, None]).to(tl.int32)
+    else:
+        mask = row_ok[:, None] & ex_ok[None, :]
+        if ROUTING == "compute":
+            acc_ty = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+            logits = tl.zeros((BT, E_PAD), acc_ty)
+            kk0 = tl.arange(0, BK)
+            for k0 in range(0, H, BK):
+                kk = k0 + kk0
+                kk_ok = kk < H
+                a = tl.load(x_ptr + rows[:, None] * H + kk[None, :], mask=row_ok[:, None] & kk_ok[None, :], other=0.0)
+                w = tl.load(router_ptr + ex[None, :].to(tl.int64) * H + kk[:, None],
+                            mask=kk_ok[:, None] & ex_ok[None, :], other=0.0)
+                if NATIVE_DOT:  # 16-bit x and router of one dtype: exact products, fp32 sums
+                    logits = tl.dot(a, w, logits)
+                else:
+                    logits = tl.dot(a.to(acc_ty), w.to(acc_ty), logits, input_precision="ieee")
+            tl.store(logits_ptr + rows[:, None] * E + ex[None, :], logits, mask=mask)
+        else:
+            logits = tl.load(logits_ptr + rows[:, None] * E + ex[None, :], mask=mask, other=float("-inf"))
+        scores, chosen, weights, taken = select_topk(logits, row_ok, ebias_ptr, scale_hi, scale_lo, E, TOPK, GROUPS,
+                                                     TOPK_GROUPS, SIGMOID, HAS_EBIAS, RENORM, E_PAD, K_PAD, G_PAD, BT)
+        tl.store(scores_ptr + rows[:, None] * E + ex[None, :], scores, mask=mask)
+        tl.store(ids_ptr + rows[:, None] * TOPK + kx[None, :], chosen, mask=k_mask)
+        tl.store(wts_ptr + rows[:, None] * TOPK + kx[None, :], weights, mask=k_mask)
+        hits = (taken & row_ok[:, None]).to(tl.int32)
+        # Loss partials of this block: sum_t scores[t, e] and sum_t logsumexp(logits[t])^2.
+        lg = tl.where(ex_ok[None, :], logits, float("-inf"))
+        lg = tl.where(row_ok[:, None], lg, 0.0)  # rows past T: finite (and masked out below)
+        top = tl.max(lg, 1)
+        lse = top + tl.log(tl.sum(tl.exp(lg - top[:, None]), 1))
+        z_part = tl.sum(tl.where(row_ok, lse * lse, 0.0), 0)
+        p_part = tl.sum(tl.where(mask, scores, 0.0), 0)
+        tl.store(part_ptr + b.to(tl.int64) * (E + 1) + ex, p_part, mask=ex_ok)
+        tl.store(part_ptr + b.to(tl.int64) * (E + 1) + E, z_part)
+    tl.store(table_ptr + b.to(tl.int64) * E + ex, tl.sum(hits, 0), mask=ex_ok)
+
+
+@triton.jit
+def _finish_routing(half, table_ptr, part_ptr, counts_ptr, gstart_ptr, stats_ptr, loss_ptr,
+                    heap_words, words_delta_ptr, heap_addr, NB, T, me, seq, sig0, lb_coef, z_coef,
+                    ROUTING: tl.constexpr, PUTS: tl.constexpr, E: tl.constexpr, EL: tl.constexpr, W: tl.constexpr,
+                    TOPK: tl.constexpr, ROW_BYTES: tl.constexpr, E_PAD: tl.constexpr, W_PAD: tl.constexpr,
+                    CB: tl.constexpr):
+    """Run by the last route task: block table -> exclusive per-block offsets, counts and gstart (first sorted
+    row of each expert); stats and losses; signal every empty packet; then raise the `routed` flag."""
+    tl.debug_barrier()  # the acquiring arrival was one thread's: order every thread's reads after it
+    ex = tl.arange(0, E_PAD)
+    ex_ok = ex < E
+    cb = tl.arange(0, CB)
+    running = tl.zeros((E_PAD,), tl.int32)
+    for c0 in range(0, NB, CB):
+        blk = c0 + cb
+        m = (blk < NB)[:, None] & ex_ok[None, :]
+        ptrs = table_ptr + blk.to(tl.int64)[:, None] * E + ex[None, :]
+        tile = tl.load(ptrs, mask=m, other=0)
+        tl.store(ptrs, tl.cumsum(tile, 0) - tile + running[None, :], mask=m)
+        running += tl.sum(tile, 0)
+    counts = running
+    gstart = tl.cumsum(counts, 0) - counts
+    tl.store(counts_ptr + ex, counts, mask=ex_ok)
+    tl.store(gstart_ptr + ex, gstart, mask=ex_ok)
+
+    # stats: tokens_per_expert [E], dropped, bytes_sent (the dispatch part; RECV adds the return part),
+    # rows_per_peer [W]
+    tl.store(stats_ptr + ex, counts.to(tl.int64), mask=ex_ok)
+    tl.store(stats_ptr + E, 0)
+    owner = ex // EL
+    wx = tl.arange(0, W_PAD)
+    per_peer = tl.sum(tl.where((owner[None, :] == wx[:, None]) & ex_ok[None, :], counts[None, :], 0), 1)
+    tl.store(stats_ptr + E + 2 + wx, per_peer.to(tl.int64), mask=wx < W)
+    sent = tl.sum(tl.where(ex_ok & (owner != me), counts, 0), 0).to(tl.int64)
+    tl.store(stats_ptr + E + 1, sent * ROW_BYTES + (W - 1) * EL * 8)
+
+    # losses [lb, z, aux]
+    if ROUTING == "given":
+        tl.store(loss_ptr + tl.arange(0, 4), tl.zeros((4,), loss_ptr.dtype.element_ty), mask=tl.arange(0, 4) < 3)
+    else:
+        acc_ty = loss_ptr.dtype.element_ty
+        p_sum = tl.zeros((E_PAD,), acc_ty)
+        z_sum = tl.zeros((CB,), acc_ty)
+        for c0 in range(0, NB, CB):
+            blk = (c0 + cb).to(tl.int64)
+            p_sum += tl.sum(tl.load(part_ptr + blk[:, None] * (E + 1) + ex[None, :],
+                                    mask=(blk < NB)[:, None] & ex_ok[None, :], other=0.0), 0)
+            z_sum += tl.load(part_ptr + blk * (E + 1) + E, mask=blk < NB, other=0.0)
+        t_den = tl.maximum(T, 1).to(acc_ty)
+        f = counts.to(acc_ty) / (t_den * TOPK)
+        lb = E * tl.sum(f * (p_sum / t_den), 0)
+        z = tl.sum(z_sum, 0) / t_den
+        lb = tl.where(T > 0, lb, 0.0)
+        z = tl.where(T > 0, z, 0.0)
+        tl.store(loss_ptr, lb)
+        tl.store(loss_ptr + 1, z)
+        tl.store(loss_ptr + 2, lb_coef * lb + z_coef * z)
+
+    # Empty packets are complete already: signal them now (count 0).
+    word = seq << 32
+    for ge in range(E):
+        n = tl.sum(tl.where(ex == ge, counts, 0), 0)
+        if n == 0:
+            dst = ge // EL
+            idx = sig0 + me * EL + ge % EL
+            if dst == me:
+                tl.atomic_xchg(heap_words + idx, word, sem="release", scope="sys")
+            else:
+                _signal_remote(heap_words, words_delta_ptr, heap_addr, dst, idx, word, PUTS)
+    tl.debug_barrier()
+    tl.atomic_xchg(half + _ROUTED, 1, sem="release", scope="sys")
+
+
+@triton.jit
+def _dispatch_task(b, x_ptr, ids_ptr, order_ptr, slot_ptr, table_ptr, counts_ptr, gstart_ptr, half,
+                   heap_rows, heap_words, rows_delta_ptr, words_delta_ptr, heap_addr,
+                   T, H, me, seq, slab_elems, data0, sig0,
+                   PUTS: tl.constexpr, E: tl.constexpr, EL: tl.constexpr, W: tl.constexpr, TOPK: tl.constexpr,
+                   ITEM: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr, BT: tl.constexpr,
+                   BR: tl.constexpr, BH: tl.constexpr):
+    """Sorted positions of the block's assignments (order, slot_of), rows for other ranks staged in this rank's
+    DISPATCH slab for itself; the task that completes a packet (all its rows staged) puts and signals it."""
+    rows = b.to(tl.int64) * BT + tl.arange(0, BT)
+    row_ok = rows < T
+    ex = tl.arange(0, E_PAD)
+    ex_ok = ex < E
+    kx = tl.arange(0, K_PAD)
+    ids = tl.load(ids_ptr + rows[:, None] * TOPK + kx[None, :], mask=row_ok[:, None] & (kx < TOPK)[None, :],
+                  other=E).to(tl.int32)
+    hits = tl.zeros((BT, E_PAD), tl.int32)
+    for j in tl.static_range(TOPK):
+        e_j = tl.sum(tl.where((kx == j)[None, :], ids, 0), 1)
+        hits += ((ex[None, :] == e_j[:, None]) & row_ok[:, None]).to(tl.int32)
+    before = tl.cumsum(hits, 0) - hits  # assignments of each expert in earlier tokens of the block
+    first = tl.load(gstart_ptr + ex, mask=ex_ok, other=0) + \
+        tl.load(table_ptr + b.to(tl.int64) * E + ex, mask=ex_ok, other=0)  # first sorted row of block b per expert
+    own = tl.zeros((BT, E_PAD), tl.int32)  # earlier choices of the same token (caller routing may repeat one)
+    c = tl.arange(0, BH)
+    stage = heap_rows + data0 + me * slab_elems
+    for j in tl.static_range(TOPK):
+        e_j = tl.sum(tl.where((kx == j)[None, :], ids, 0), 1)
+        sel = ex[None, :] == e_j[:, None]
+        pos = tl.sum(tl.where(sel, before + own + first[None, :], 0), 1)
+        own += sel.to(tl.int32)
+        a = rows * TOPK + j
+        tl.store(order_ptr + pos, a.to(tl.int32), mask=row_ok)
+        tl.store(slot_ptr + a, pos, mask=row_ok)
+        if W > 1:
+            remote = row_ok & (e_j // EL != me)
+            for c0 in range(0, H, BH):
+                cols = c0 + c
+                m = remote[:, None] & (cols < H)[None, :]
+                v = tl.load(x_ptr + rows[:, None] * H + cols[None, :], mask=m)
+                tl.store(stage + pos.to(tl.int64)[:, None] * H + cols[None, :], v, mask=m)
+    tl.debug_barrier()
+    n_b = tl.sum(hits, 0)
+    old = tl.atomic_add(half + _READY + W + ex, n_b, mask=ex_ok & (n_b > 0), sem="acq_rel", scope="sys")
+    counts = tl.load(counts_ptr + ex, mask=ex_ok, other=0)
+    done = ex_ok & (n_b > 0) & (old + n_b == counts)
+    tl.debug_barrier()  # rows staged by other programs are read below, after their release seen above
+    if tl.sum(done.to(tl.int32), 0) > 0:
+        gstart = tl.load(gstart_ptr + ex, mask=ex_ok, other=0)
+        for ge in range(E):
+            if tl.sum(tl.where(ex == ge, done.to(tl.int32), 0), 0) > 0:
+                n = tl.sum(tl.where(ex == ge, counts, 0), 0)
+                dst = ge // EL
+                idx = sig0 + me * EL + ge % EL
+                word = (seq << 32) | n.to(tl.int64)
+                if dst == me:
+                    tl.atomic_xchg(heap_words + idx, word, sem="release", scope="sys")
+                else:
+                    g0 = tl.sum(tl.where(ex == ge, gstart, 0), 0).to(tl.int64)
+                    d0 = tl.sum(tl.where(ex == dst * EL, gstart, 0), 0).to(tl.int64)
+                    _put_packet(heap_rows, heap_words, rows_delta_ptr, words_delta_ptr, heap_addr, dst,
+                                data0 + me * slab_elems + g0 * H, data0 + me * slab_elems + (g0 - d0) * H, n, H,
+                                idx, word, PUTS, ITEM, BR, BH)
+
+
+@triton.jit
+def _recv_task(s, sync_ptr, half, status_addr, stats_ptr, heap_words, words_delta_ptr, heap_addr,
+               me, seq, slab_rows, sig0, sig1, limit,
+               PUTS: tl.constexpr, USE_TIMER: tl.constexpr, W: tl.constexpr, E: tl.constexpr, EL: tl.constexpr,
+               ROW_BYTES: tl.constexpr, EL_PAD: tl.constexpr):
+    """Wait for source s's DISPATCH signals (every packet, empty ones too), check the counts and copy them to
+    RCOUNT, signal s's empty return packets, count the return bytes, mark s ready."""
+    routed = _wait_counter(half + _ROUTED, 1, sync_ptr, limit, USE_TIMER)  # stats are written before it
+    ev = tl.arange(0, EL_PAD)
+    e_ok = ev < EL
+    arrived, w = _wait_words(heap_words + sig0 + s * EL + ev, e_ok, seq, sync_ptr, limit, USE_TIMER)
+    if arrived == 0:
+        slot, seen = _first_missing(w, e_ok, seq, ev, EL_PAD)
+        _fail(sync_ptr, status_addr, _ST_DISPATCH, me, s, 0, slot, seq, seen)
+    cnt = tl.where(e_ok, w & _MASK32, 0)
+    total = tl.sum(cnt, 0)
+    if arrived & (total > slab_rows):
+        _fail(sync_ptr, status_addr, _ST_COUNT, me, s, 0, -1, slab_rows, total)
+    tl.store(half + _READY + W + 2 * E + s * EL + ev, cnt.to(tl.int32), mask=e_ok)
+    if routed & arrived & (total <= slab_rows):
+        if s != me:
+            tl.atomic_add(stats_ptr + E + 1, total.to(tl.int64) * ROW_BYTES + EL * 8)
+        word = seq << 32
+        for el in range(EL):
+            if tl.sum(tl.where(ev == el, cnt, 0), 0) == 0:
+                idx = sig1 + me * EL + el
+                if s == me:
+                    tl.atomic_xchg(heap_words + idx, word, sem="release", scope="sys")
+                else:
+                    _signal_remote(heap_words, words_delta_ptr, heap_addr, s, idx, word, PUTS)
+    tl.debug_barrier()
+    tl.atomic_xchg(half + _READY + s, 1, sem="release", scope="sys")
+
+
+@triton.jit
+def _decode(g, sync_ptr, half, me, limit,
+            USE_TIMER: tl.constexpr, W: tl.constexpr, EL: tl.constexpr, EL_PAD: tl.constexpr, BM: tl.constexpr):
+    """Row tile g of the received packets -> (found, source, local expert, tile of the packet, packet rows,
+    first slab row of the packet, first h row of the source). found = 0 past the last tile (every source
+    decoded), -1 after an abort. Sources in the order me, me+1, ...: own rows first, available soonest."""
+    ev = tl.arange(0, EL_PAD)
+    e_ok = ev < EL
+    zero = me * 0
+    found = zero
+    s_f = zero
+    el_f = zero
+    m_f = zero
+    n_f = zero
+    pst_f = zero
+    hb_f = zero
+    base_t = zero
+    base_r = zero
+    for i in tl.static_range(W):
+        s = (me + i) % W
+        if found == 0:
+            ready = _wait_counter(half + _READY + s, 1, sync_ptr, limit, USE_TIMER)
+            if ready & (tl.load(sync_ptr + _ABORT, volatile=True) == 0):
+                cnt = tl.load(half + _READY + W + 2 * (W * EL) + s * EL + ev, mask=e_ok, other=0)
+                tiles = (cnt + BM - 1) // BM
+                tot = tl.sum(tiles, 0)
+                if g < base_t + tot:
+                    local = g - base_t
+                    el = tl.sum(((tl.cumsum(tiles, 0) <= local) & e_ok).to(tl.int32), 0)
+                    found = zero + 1
+                    s_f = zero + s
+                    el_f = el
+                    m_f = local - tl.sum(tl.where(ev < el, tiles, 0), 0)
+                    n_f = tl.sum(tl.where(ev == el, cnt, 0), 0)
+                    pst_f = tl.sum(tl.where(ev < el, cnt, 0), 0)
+                    hb_f = base_r
+                base_t += tot
+                base_r += tl.sum(cnt, 0)
+            else:
+                found = zero - 1
+    return found, s_f, el_f, m_f, n_f, pst_f, hb_f
+
+
+@triton.jit
+def _gemm0_task(g, n_lo, n_hi, s, el, m, n_e, pst, hbase, half, x_ptr, order_ptr, gstart_ptr, heap_rows, w_up_ptr,
+                b_up_ptr, h_ptr, pre_ptr, H, INNER, me, slab_elems, data0,
+                W: tl.constexpr, EL: tl.constexpr, TOPK: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+                HAS_BIAS: tl.constexpr, SAVE_PRE: tl.constexpr, EVEN_K: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """h[rows of tile g, inner column tiles n_lo..n_hi-1] = act(rows @ w_up[el] + b_up[el]); then counts those
+    column tiles as finished for row tile g."""
+    offs_m = tl.arange(0, BM)
+    offs_k = tl.arange(0, BK)
+    r_loc = m * BM + offs_m
+    row_ok = offs_m < n_e - m * BM
+    hrow = (hbase + pst + r_loc).to(tl.int64)
+    if W == 1:
+        is_own = True
+    else:
+        is_own = s == me
+    if is_own:  # own tokens: gather rows of x by the sorted order (no copy of x)
+        first = tl.load(gstart_ptr + me * EL)
+        a_idx = tl.load(order_ptr + first + pst + r_loc, mask=row_ok, other=0)
+        tok = (a_idx // TOPK).to(tl.int64)
+        a_ptrs = x_ptr + tok[:, None] * H + offs_k[None, :]
+    else:  # rows another rank put into this rank's receive slab
+        srow = (pst + r_loc).to(tl.int64)
+        a_ptrs = heap_rows + data0 + s * slab_elems + srow[:, None] * H + offs_k[None, :]
+    if GATED:
+        n_up = 2 * INNER
+    else:
+        n_up = INNER
+    if HAS_BIAS:
+        b_base = b_up_ptr + el.to(tl.int64) * n_up
+    else:
+        b_base = b_up_ptr
+    out_ty = h_ptr.dtype.element_ty
+    for n0 in range(n_lo, n_hi):
+        cols = n0 * BN + tl.arange(0, BN)
+        col_ok = cols < INNER
+        acc_g, acc_u = up_tile(a_ptrs, row_ok, w_up_ptr + el.to(tl.int64) * H * n_up, b_base, cols, col_ok, H,
+                               INNER, GATED, HAS_BIAS, EVEN_K, BM, BN, BK, UPCAST, PRECISION)
+        mask = row_ok[:, None] & col_ok[None, :]
+        if SAVE_PRE:
+            pre_ptrs = pre_ptr + hrow[:, None] * n_up + cols[None, :]
+            tl.store(pre_ptrs, acc_g.to(out_ty), mask=mask)
+            if GATED:
+                tl.store(pre_ptrs + INNER, acc_u.to(out_ty), mask=mask)
+        h = act_fwd(acc_g, ACT)
+        if GATED:
+            h = h * acc_u
+        tl.store(h_ptr + hrow[:, None] * INNER + cols[None, :], h.to(out_ty), mask=mask)
+    tl.debug_barrier()
+    tl.atomic_add(half + _READY + W + 3 * (W * EL) + g, n_hi - n_lo, sem="release", scope="gpu")
+
+
+@triton.jit
+def _gemm1_task(g, n_lo, n_hi, s, el, m, n_e, pst, hbase, half, heap_rows, heap_words, rows_delta_ptr,
+                words_delta_ptr, heap_addr, h_ptr, w_down_ptr, b_down_ptr, H, INNER, me, seq, slab_elems, data0,
+                data1, sig1, NB1,
+                PUTS: tl.constexpr, W: tl.constexpr, EL: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                ITEM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr):
+    """y[rows of tile g, hidden column tiles n_lo..n_hi-1] = h @ w_down[el] + b_down[el] in the layer dtype,
+    stored where the result packet is assembled; the task finishing packet (s, el) returns it to s and
+    signals it."""
+    offs_m = tl.arange(0, BM)
+    offs_k = tl.arange(0, BK)
+    r_loc = m * BM + offs_m
+    row_ok = offs_m < n_e - m * BM
+    hrow = (hbase + pst + r_loc).to(tl.int64)
+    if W == 1:
+        is_own = True
+    else:
+        is_own = s == me
+    srow = (pst + r_loc).to(tl.int64)
+    if is_own:  # own tokens: straight into the own RETURN slab, where the combine reads them
+        base = data1 + me.to(tl.int64) * slab_elems
+    else:  # in place of the consumed input rows; sent back as one packet when complete
+        base = data0 + s.to(tl.int64) * slab_elems
+    a_ptrs = h_ptr + hrow[:, None] * INNER + offs_k[None, :]
+    for n1 in range(n_lo, n_hi):
+        cols = n1 * BN + tl.arange(0, BN)
+        col_ok = cols < H
+        b_ptrs = w_down_ptr + el.to(tl.int64) * INNER * H + offs_k[:, None] * H + cols[None, :]
+        acc = gemm_tile(a_ptrs, row_ok, b_ptrs, col_ok, INNER, H, EVEN_K, BM, BN, BK, UPCAST, PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(b_down_ptr + el.to(tl.int64) * H + cols, mask=col_ok, other=0.0).to(acc.dtype)[None, :]
+        mask = row_ok[:, None] & col_ok[None, :]
+        tl.store(heap_rows + base + srow[:, None] * H + cols[None, :], acc.to(heap_rows.dtype.element_ty),
+                 mask=mask)
+    tl.debug_barrier()
+    old = tl.atomic_add(half + _READY + W + (W * EL) + s * EL + el, n_hi - n_lo, sem="acq_rel", scope="sys")
+    tl.debug_barrier()
+    if old + (n_hi - n_lo) == ((n_e + BM - 1) // BM) * NB1:
+        idx = sig1 + me * EL + el
+        word = (seq << 32) | n_e.to(tl.int64)
+        if is_own:
+            tl.atomic_xchg(heap_words + idx, word, sem="release", scope="sys")
+        else:
+            _put_packet(heap_rows, heap_words, rows_delta_ptr, words_delta_ptr, heap_addr, s,
+                        data0 + s * slab_elems + pst.to(tl.int64) * H, data1 + me * slab_elems + pst.to(tl.int64) * H,
+                        n_e, H, idx, word, PUTS, ITEM, BR, BH)
+
+
+@triton.jit
+def _combine_task(c, sync_ptr, status_addr, out_ptr, ids_ptr, wts_ptr, slot_ptr, gstart_ptr, addend_ptr, heap_rows,
+                  heap_words, T, H, me, seq, slab_elems, data1, sig1, limit,
+                  USE_TIMER: tl.constexpr, E: tl.constexpr, EL: tl.constexpr, TOPK: tl.constexpr,
+                  HAS_ADDEND: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr, BTC: tl.constexpr,
+                  BH: tl.constexpr):
+    """out[t] = sum_j w_tj * y_tj (+ addend[t]) for tokens [c*BTC, c*BTC+BTC), in fp32 (fp64) and slot order,
+    after every result packet of this launch has arrived (RETURN slot (o, e) is word o*E_local + e = e_global)."""
+    ex = tl.arange(0, E_PAD)
+    ex_ok = ex < E
+    arrived, w = _wait_words(heap_words + sig1 + ex, ex_ok, seq, sync_ptr, limit, USE_TIMER)
+    if arrived == 0:
+        slot, seen = _first_missing(w, ex_ok, seq, ex, E_PAD)
+        _fail(sync_ptr, status_addr, _ST_RETURN, me, slot // EL, 1, slot % EL, seq, seen)
+    rows = c.to(tl.int64) * BTC + tl.arange(0, BTC)
+    row_ok = rows < T
+    kx = tl.arange(0, K_PAD)
+    k_mask = row_ok[:, None] & (kx < TOPK)[None, :]
+    ids = tl.load(ids_ptr + rows[:, None] * TOPK + kx[None, :], mask=k_mask, other=0).to(tl.int32)
+    wts = tl.load(wts_ptr + rows[:, None] * TOPK + kx[None, :], mask=k_mask, other=0.0)
+    slots = tl.load(slot_ptr + rows[:, None] * TOPK + kx[None, :], mask=k_mask, other=0)
+    owner = ids // EL
+    first = tl.load(gstart_ptr + owner * EL, mask=k_mask, other=0)  # first sorted row of my packets to owner
+    base = data1 + owner.to(tl.int64) * slab_elems + (slots - first).to(tl.int64) * H
+    acc_ty = tl.float64 if wts.dtype == tl.float64 else tl.float32
+    cc = tl.arange(0, BH)
+    for c0 in range(0, H, BH):
+        cols = c0 + cc
+        mask = row_ok[:, None] & (cols < H)[None, :]
+        acc = tl.zeros((BTC, BH), acc_ty)
+        for j in tl.static_range(TOPK):
+            b_j = tl.sum(tl.where((kx == j)[None, :], base, 0), 1)
+            w_j = tl.sum(tl.where((kx == j)[None, :], wts, 0.0), 1)
+            y = tl.load(heap_rows + b_j[:, None] + cols[None, :], mask=mask, other=0.0)
+            acc += w_j.to(acc_ty)[:, None] * y.to(acc_ty)
+        if HAS_ADDEND:
+            acc += tl.load(addend_ptr + rows[:, None] * H + cols[None, :], mask=mask, other=0.0).to(acc_ty)
+        tl.store(out_ptr + rows[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The kernel
+# ----------------------------------------------------------------------------------------------------------
+
+# Integer arguments whose value changes between calls or ranks are not specialised (a value of 1 would
+# otherwise become a compile-time constant: a new compile, and constants where loops need tensors).
+NO_SPECIALIZE = ("T", "me", "NB", "NC", "nprog", "HALF", "G_MAX", "slab_rows", "sig0", "sig1", "limit")
+
+
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
+def fused_moe_kernel(
+    # outputs (per forward)
+    out_ptr, ids_ptr, wts_ptr, scores_ptr, logits_ptr,  # out [T, H]; ids [T, K] int64; weights [T, K] fp32/fp64;
+    # scores, logits [T, E] fp32/fp64 (ids/weights are inputs when ROUTING == "given", logits when "logits")
+    order_ptr, slot_ptr, h_ptr, pre_ptr, stats_ptr, loss_ptr,  # order, slot_of [T*K] int32; h [R, I]; pre [R, N_UP]
+    # (SAVE_PRE); stats [E + 2 + W] int64 (tokens per expert, dropped, bytes sent, rows per peer); loss [3] lb, z, aux
+    # inputs
+    x_ptr, router_ptr, ebias_ptr, addend_ptr, w_up_ptr, b_up_ptr, w_down_ptr, b_down_ptr,  # x [T, H]; router [E, H];
+    # ebias [E] fp32; addend [T, H] fp32/fp64; w_up [E_local, H, N_UP], b_up [E_local, N_UP], w_down [E_local, I, H],
+    # b_down [E_local, H]
+    # persistent state
+    sync_ptr, table_ptr, part_ptr, heap_rows, heap_words, rows_delta_ptr, words_delta_ptr,  # sync int32 (module
+    # docstring); table [NB_MAX, E] int32 + counts [E] + gstart [E] (counts_ptr/gstart_ptr); part [NB_MAX, E + 1];
+    # heap_rows/heap_words this rank's heap segment as the layer dtype / int64; deltas [W] int64 (ptr puts)
+    counts_ptr, gstart_ptr,
+    heap_addr, status_addr,  # this rank's segment address (nvshmem puts), status words [8] int64 (address)
+    # sizes and layout
+    T, H, INNER, me, NB, NC, nprog, HALF, G_MAX, slab_rows, slab_elems, data0, data1, sig0, sig1, limit,
+    scale_hi, scale_lo, lb_coef, z_coef,
+    PHASE: tl.constexpr, ROUTING: tl.constexpr, PUTS: tl.constexpr, USE_TIMER: tl.constexpr,
+    E: tl.constexpr, EL: tl.constexpr, W: tl.constexpr, TOPK: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr, SAVE_PRE: tl.constexpr, NATIVE_DOT: tl.constexpr,
+    GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr, SIGMOID: tl.constexpr, HAS_EBIAS: tl.constexpr,
+    RENORM: tl.constexpr, ITEM: tl.constexpr, ROW_BYTES: tl.constexpr,
+    E_PAD: tl.constexpr, EL_PAD: tl.constexpr, W_PAD: tl.constexpr, K_PAD: tl.constexpr, G_PAD: tl.constexpr,
+    BT: tl.constexpr, BTC: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, CB: tl.constexpr,
+    BM: tl.constexpr, BN0: tl.constexpr, BK0: tl.constexpr, BN1: tl.constexpr, BK1: tl.constexpr,
+    TN0: tl.constexpr, TN1: tl.constexpr, EVEN_K0: tl.constexpr, EVEN_K1: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One MoE layer forward on this rank (module docstring); PHASE = 0 runs all of it in one launch."""
+    epoch = tl.load(sync_ptr + _EPOCH)
+    seq = (epoch + 1).to(tl.int64)
+    half = sync_ptr + _HALF0 + (epoch % 2) * HALF
+    other = sync_ptr + _HALF0 + ((epoch + 1) % 2) * HALF
+    nb0 = tl.cdiv(INNER, BN0)  # column tiles per row tile, up projection
+    nb1 = tl.cdiv(H, BN1)  # and down projection
+    ng0 = tl.cdiv(nb0, TN0)  # tasks per row tile: TN0 (TN1) column tiles each, so a decode serves several
+    ng1 = tl.cdiv(nb1, TN1)
+
+    if (PHASE == _ALL) or (PHASE == _ROUTE):
+        zb = tl.arange(0, 128)
+        chunk = tl.cdiv(HALF, NB)
+        t = tl.atomic_add(half + _CLAIM + 0, 1)
+        while t < NB:
+            _route_task(t, x_ptr, router_ptr, ebias_ptr, logits_ptr, ids_ptr, wts_ptr, scores_ptr, table_ptr, part_ptr,
+                        T, H, scale_hi, scale_lo, ROUTING, NATIVE_DOT, E, TOPK, GROUPS, TOPK_GROUPS, SIGMOID,
+                        HAS_EBIAS, RENORM, E_PAD, K_PAD, G_PAD, BT, BK0)
+            # The other half of `sync` belongs to the next launch: zero this task's share of it.
+            for z0 in range(t * chunk, tl.minimum(t * chunk + chunk, HALF), 128):
+                tl.store(other + z0 + zb, 0, mask=z0 + zb < tl.minimum(t * chunk + chunk, HALF))
+            tl.debug_barrier()
+            finished = tl.atomic_add(half + _ROUTE_DONE, 1, sem="acq_rel", scope="sys")
+            if finished == NB - 1:
+                _finish_routing(half, table_ptr, part_ptr, counts_ptr, gstart_ptr, stats_ptr, loss_ptr,
+                                heap_words, words_delta_ptr, heap_addr, NB, T, me, seq, sig0, lb_coef, z_coef,
+                                ROUTING, PUTS, E, EL, W, TOPK, ROW_BYTES, E_PAD, W_PAD, CB)
+            t = tl.atomic_add(half + _CLAIM + 0, 1)
+
+    if (PHASE == _ALL) or (PHASE == _DISPATCH):
+        t = tl.atomic_add(half + _CLAIM + 1, 1)
+        while t < NB:
+            if _wait_counter(half + _ROUTED, 1, sync_ptr, limit, USE_TIMER):
+                _dispatch_task(t, x_ptr, ids_ptr, order_ptr, slot_ptr, table_ptr, counts_ptr, gstart_ptr, half,
+                               heap_rows, heap_words, rows_delta_ptr, words_delta_ptr, heap_addr,
+                               T, H, me, seq, slab_elems, data0, sig0,
+                               PUTS, E, EL, W, TOPK, ITEM, E_PAD, K_PAD, BT, BR, BH)
+            else:
+                _fail(sync_ptr, status_addr, _ST_LOCAL, me, me, 0, -1, 1, 0)
+            t = tl.atomic_add(half + _CLAIM + 1, 1)
+
+    if (PHASE == _ALL) or (PHASE == _GEMM0):
+        c = tl.atomic_add(half + _CLAIM + 2, 1)
+        go = c >= 0
+        while go:
+            if c < W:
+                _recv_task((me + c) % W, sync_ptr, half, status_addr, stats_ptr, heap_words, words_delta_ptr,
+                           heap_addr, me, seq, slab_rows, sig0, sig1, limit,
+                           PUTS, USE_TIMER, W, E, EL, ROW_BYTES, EL_PAD)
+            else:
+                g = (c - W) // ng0
+                found, s, el, m, n_e, pst, hb = _decode(g, sync_ptr, half, me, limit,
+                                                        USE_TIMER, W, EL, EL_PAD, BM)
+                if found == 1:
+                    if g < G_MAX:
+                        n_lo = ((c - W) % ng0) * TN0
+                        _gemm0_task(g, n_lo, tl.minimum(n_lo + TN0, nb0), s, el, m, n_e, pst, hb, half,
+                                    x_ptr, order_ptr, gstart_ptr,
+                                    heap_rows, w_up_ptr, b_up_ptr, h_ptr, pre_ptr, H, INNER, me, slab_elems, data0,
+                                    W, EL, TOPK, ACT, GATED, HAS_BIAS, SAVE_PRE, EVEN_K0, BM, BN0, BK0, UPCAST,
+                                    PRECISION)
+                    else:
+                        _fail(sync_ptr, status_addr, _ST_LOCAL, me, me, 2, g, G_MAX, 0)
+                else:
+                    go = c < 0
+            if go:
+                c = tl.atomic_add(half + _CLAIM + 2, 1)
+
+    if (PHASE == _ALL) or (PHASE == _GEMM1):
+        c = tl.atomic_add(half + _CLAIM + 3, 1)
+        go = c >= 0
+        while go:
+            g = c // ng1
+            found, s, el, m, n_e, pst, hb = _decode(g, sync_ptr, half, me, limit,
+                                                    USE_TIMER, W, EL, EL_PAD, BM)
+            if found == 1:
+                if _wait_counter(half + _READY + W + 3 * (W * EL) + g, nb0, sync_ptr, limit, USE_TIMER):
+                    n_lo = (c % ng1) * TN1
+                    _gemm1_task(g, n_lo, tl.minimum(n_lo + TN1, nb1), s, el, m, n_e, pst, hb, half, heap_rows,
+                                heap_words, rows_delta_ptr, words_delta_ptr, heap_addr, h_ptr, w_down_ptr, b_down_ptr,
+                                H, INNER, me, seq, slab_elems, data0, data1, sig1, nb1,
+                                PUTS, W, EL, HAS_BIAS, EVEN_K1, ITEM, BM, BN1, BK1, UPCAST, PRECISION, BR, BH)
+                else:
+                    _fail(sync_ptr, status_addr, _ST_LOCAL, me, me, 3, g, nb0, 0)
+                c = tl.atomic_add(half + _CLAIM + 3, 1)
+            else:
+                go = c < 0
+
+    if (PHASE == _ALL) or (PHASE == _COMBINE):
+        c = tl.atomic_add(half + _CLAIM + 4, 1)
+        while c < NC:
+            _combine_task(c, sync_ptr, status_addr, out_ptr, ids_ptr, wts_ptr, slot_ptr, gstart_ptr, addend_ptr,
+                          heap_rows, heap_words, T, H, me, seq, slab_elems, data1, sig1, limit,
+                          USE_TIMER, E, EL, TOPK, HAS_ADDEND, E_PAD, K_PAD, BTC, BH)
+            c = tl.atomic_add(half + _CLAIM + 4, 1)
+        if PUTS == "nvshmem":
+            nvshmem.quiet()
+        tl.debug_barrier()
+        # The last program out hands the next launch its epoch (and so its half of `sync` and its sequence).
+        if tl.atomic_add(half + _DONE, 1, sem="acq_rel", scope="gpu") == nprog - 1:
+            tl.atomic_xchg(sync_ptr + _EPOCH, epoch + 1, sem="release", scope="gpu")

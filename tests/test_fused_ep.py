@@ -1,0 +1,74 @@
+"""The fused kernel with expert parallelism across 2 CPU ranks (DESIGN §6, §7.5): the shm heap, kernels under
+TRITON_INTERPRET=1 launched phase by phase, cross-rank waits real (each rank spins on its own shm segment while
+the peer's kernel puts into it). One launch of tests/fused_worker.py runs every scenario (starting ranks is the
+slow part); each scenario is reported as its own test. What they check is listed in tests/fused_worker.py:
+forward (routing in the kernel) and backward equal the reference on all tokens, bytes_sent equal to the exact
+minimum, caller routing with everything sent to one rank and a rank without tokens, repeated forwards on one
+heap, bf16, a group of one rank, HeapOverflow and transport refusals, and a peer that skips a forward ->
+ExchangeTimeout naming rank, peer and slot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import fused_worker
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.interpreter]
+
+REPO = Path(__file__).resolve().parent.parent
+WORLD = 2
+LAUNCH_TIMEOUT_S = 540
+_results: dict = {}
+
+
+def _launch(tmp: Path) -> dict:
+    seed = int(os.environ.get("FLASHMOE_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    out = tmp / "fused"
+    out.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "tests.fused_worker", "--world", str(WORLD), "--seed", str(seed), "--out", str(out),
+           "--store", str(out / "store")]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TRITON_INTERPRET="1",
+               FLASHMOE_DEBUG_POISON="1")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the session holds only the ranks this launch started
+        log, _ = proc.communicate()
+        return {"failure": f"launch timed out after {LAUNCH_TIMEOUT_S} s (seed={seed})\n{log[-4000:]}"}
+    ranks = []
+    for r in range(WORLD):
+        path = out / f"rank{r}.json"
+        if not path.exists():
+            return {"failure": f"rank {r} wrote no results, exit code {proc.returncode} (seed={seed})\n{log[-4000:]}"}
+        ranks.append(json.loads(path.read_text()))
+    return {"ranks": ranks, "seed": seed}
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
+@pytest.mark.parametrize("name", list(fused_worker.SCENARIOS))
+def test_fused_two_ranks(name, tmp_path_factory):
+    if "launch" not in _results:
+        _results["launch"] = _launch(tmp_path_factory.mktemp("fused"))
+    res = _results["launch"]
+    assert "failure" not in res, res.get("failure")
+    print(f"seed={res['seed']} (replay with FLASHMOE_TEST_SEED={res['seed']})")
+    errors = []
+    for r, ranks in enumerate(res["ranks"]):
+        got = ranks.get(name)
+        assert got is not None, f"rank {r} did not run scenario {name}"
+        if not got["ok"]:
+            errors.append(f"--- rank {r}:\n{got['error']}")
+        else:
+            print(f"rank {r}: {got['seconds']} s {got['info']}")
+    assert not errors, f"{name} x{WORLD} (seed={res['seed']}):\n" + "\n".join(errors)
