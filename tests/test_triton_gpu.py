@@ -115,7 +115,7 @@ def test_torch_compile_layer(seed):
 
 
 def test_auto_picks_triton_on_cuda():
-    assert fm.available_backends("cuda")[0] == "triton"
+    assert "triton" in fm.available_backends("cuda")
     layer = fm.FusedMoE(**SHAPE, device="cuda", dtype=torch.bfloat16)
     layer(torch.randn(8, SHAPE["hidden_size"], device="cuda", dtype=torch.bfloat16))
     assert layer.last_output.backend == "triton"
