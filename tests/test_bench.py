@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from flashmoe_py import MoEConfig, backends
-from flashmoe_py.bench import cli, counting, schema
+from flashmoe_py.bench import cli, counting, report, schema
 from flashmoe_py.bench.candidates import Impl, Unavailable, builder
 from flashmoe_py.bench.compare import main as compare_main
 from flashmoe_py.bench.compare import pair_rows, ratio
@@ -350,6 +350,12 @@ def test_distributed_harness_times_transports_and_counts_wire_bytes():
         assert r["config"]["world_size"] == 2 and r["config"]["transport"] == name.split("/")[1]
     assert by["reference/broken"]["status"] == "unavailable"
     assert "rank 0: ValueError: transport='broken'" in by["reference/broken"]["reason"]
+    # The Markdown table of a distributed run carries the wire bytes (MB, then the minimum) and copes with
+    # the metrics a distributed run cannot measure (operator counts, peak memory).
+    table = report.markdown_table(rows).splitlines()
+    assert table[0].endswith("| wire MB (min) |")
+    wire_mb = 2 * 2 * 24 * 32 * 4 / 1e6
+    assert f"| {wire_mb:.2f} (" in table[2] and all(line.count("|") == table[0].count("|") for line in table)
 
 
 @pytest.mark.multiproc

@@ -125,19 +125,31 @@ def print_table(rows: list[dict], title: str, out=None) -> None:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The same numbers as a Markdown table (for the README); `ops` are top-level aten calls per call."""
-    head = "| case | candidate | median ms | p20-p80 ms | tok/s | FLOP/s | roofline | vs best | ops | peak MiB |"
+    """The same numbers as a Markdown table (for the README); `ops` are top-level aten calls per call.
+    Distributed rows add the bytes put on the wire (and the least any transport must send)."""
+    wire = any(r["metrics"].get("wire_bytes") is not None for r in rows)
+    head = ("| case | candidate | median ms | p20-p80 ms | tok/s | FLOP/s | roofline | vs best | ops | peak MiB |"
+            + (" wire MB (min) |" if wire else ""))
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     varied = _varied(rows)
+
+    def opt(v, fmt):
+        return "n/a" if v is None else fmt(v)
+
     for r in rows:
         m, label = r["metrics"], case_label(r, varied)
         if r["status"] != "ok":
-            out.append(f"| {label} | {r['candidate']} | {r['status']}: {r['reason']} | | | | | | | |")
+            out.append(f"| {label} | {r['candidate']} | {r['status']}: {r['reason']} |" + " |" * (head.count("|") - 4))
             continue
-        out.append(f"| {label} | {r['candidate']} | {_ms(m['latency_ms_median'])} | "
-                   f"{_ms(m['latency_ms_p20'])}-{_ms(m['latency_ms_p80'])} | {_si(m['tokens_per_s'])} | "
-                   f"{_si(m['tflops'] * 1e12)} | {100 * m['roofline_efficiency']:.1f}% {m['bound']} | "
-                   f"{m['speedup_vs_best_baseline']:.2f}x | {m['aten_ops']} | {m['peak_mem_bytes'] / 2**20:.1f} |")
+        line = (f"| {label} | {r['candidate']} | {_ms(m['latency_ms_median'])} | "
+                f"{_ms(m['latency_ms_p20'])}-{_ms(m['latency_ms_p80'])} | {_si(m['tokens_per_s'])} | "
+                f"{_si(m['tflops'] * 1e12)} | {100 * m['roofline_efficiency']:.1f}% {m['bound']} | "
+                f"{m['speedup_vs_best_baseline']:.2f}x | {opt(m['aten_ops'], str)} | "
+                f"{opt(m['peak_mem_bytes'], lambda b: f'{b / 2**20:.1f}')} |")
+        if wire:
+            line += (f" {opt(m.get('wire_bytes'), lambda b: f'{b / 1e6:.2f}')} "
+                     f"({opt(m.get('wire_min_bytes'), lambda b: f'{b / 1e6:.2f}')}) |")
+        out.append(line)
     return "\n".join(out)
 
 
