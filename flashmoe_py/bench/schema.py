@@ -8,7 +8,8 @@ row:
   device          {name: str, type: "cpu"|"cuda", slug: str (file name), threads: int,
                    load_avg_1m: float or None (the machine's load when the run started: noise context)}
   versions        {flashmoe_py, torch, triton, transformers, python: str or None}
-  commit          str: `git rev-parse --short HEAD` of the working tree, "+dirty" when it has changes
+  commit          str: `git rev-parse --short HEAD` of the working tree, "+dirty" when its code has changes
+                  (bench/results/ itself is not code: appending results there does not make a tree dirty)
   date            str: ISO 8601 UTC time of the run's start
   config          CONFIG_KEYS: the layer, the tokens per rank, dtype, mode, ranks, transport, timing plan
   candidate       str: what ran ("reference", "naive_loop", "hf_eager", "reference/alltoall", ...)
@@ -93,11 +94,13 @@ def versions() -> dict:
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
-    """Short hash of HEAD, with "+dirty" when tracked files differ from it; "unknown" outside a checkout."""
+    """Short hash of HEAD, with "+dirty" when tracked files outside bench/results/ differ from it;
+    "unknown" outside a checkout."""
     try:
         run = dict(cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **run).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout.strip()
+        code = ["--", ":/", ":(top,exclude)bench/results"]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", *code], **run).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
