@@ -370,6 +370,7 @@ def _rank_main(rank: int, args) -> None:
             dist.barrier()
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
+    dist.barrier()  # leave together: tearing gloo down while a peer still works was seen to abort at exit
     dist.destroy_process_group()
 
 

@@ -263,6 +263,7 @@ def _spawned_rank(rank: int, world: int, init_method: str, spec: dict, out_path:
                 progress.__exit__(None, None, None)
         if rank == 0:
             Path(out_path).write_text(json.dumps(rows))
+        dist.barrier()  # leave together: tearing gloo down while a peer still works was seen to abort at exit
     finally:
         dist.destroy_process_group()
 
