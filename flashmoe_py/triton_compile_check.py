@@ -175,9 +175,15 @@ def _compile(job: dict) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compiles")
+    parser.add_argument("--case", action="append", help="only these cases (repeatable; default: all), e.g. fused-ep8")
+    parser.add_argument("--arch", choices=sorted(ARCHS), action="append", help="only these targets (default: both)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    rows = [(target, *job) for target in ARCHS for job in _plan(target)]
+    rows = [(target, *job) for target in args.arch or ARCHS for job in _plan(target)
+            if not args.case or job[0] in args.case]
+    if not rows:
+        parser.error(f"--case: none of {args.case} is a case; cases: "
+                     f"{', '.join(c[0] for c in FUSED_CASES + CASES)}")
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs) as pool:
             results = list(pool.map(_compile, [r[-1] for r in rows]))
@@ -208,7 +214,9 @@ def main(argv=None) -> int:
         print(f"{name:<14} {case:<9} {target:<6} {dtype:<5} {tags.get('regime', '-'):<8} {tags.get('config', '-'):<20} "
               f"{regs:>4} {smem:>8} {spills:>6} {mma:<6} {'; '.join(problems) or 'ok'}")
     took = time.perf_counter() - start
-    print(f"\n{len(rows)} compilations in {took:.0f} s, {failures} failing")
+    import triton
+
+    print(f"\n{len(rows)} compilations with Triton {triton.__version__} in {took:.0f} s, {failures} failing")
     return 1 if failures else 0
 
 

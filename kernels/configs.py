@@ -42,7 +42,7 @@ GEMM = {
     ("sm_80", "prefill", "up"): {2: (128, 64, 32, 8, 4), 4: (64, 64, 32, 4, 3)},
     ("sm_80", "prefill", "down"): {2: (128, 64, 32, 4, 4), 4: (64, 64, 32, 4, 3)},
     ("sm_80", "prefill", "dx"): {2: (128, 64, 32, 4, 4), 4: (64, 64, 32, 4, 3)},
-    ("sm_80", "prefill", "dh"): {2: (128, 64, 32, 8, 4), 4: (64, 64, 32, 4, 3)},
+    ("sm_80", "prefill", "dh"): {2: (128, 64, 32, 8, 4), 4: (64, 64, 32, 8, 3)},
     ("sm_80", "prefill", "dw"): {2: (128, 128, 32, 8, 3), 4: (64, 64, 32, 4, 3)},
     ("sm_80", "decode", "up"): {2: (16, 64, 128, 4, 3), 4: (16, 64, 64, 4, 3)},
     ("sm_80", "decode", "down"): {2: (16, 64, 128, 4, 3), 4: (16, 64, 64, 4, 3)},
@@ -57,7 +57,7 @@ GEMM_INTERPRETER = (16, 16, 16, 1, 1)
 # The other kernels: block sizes by target. route's BLOCK_T shrinks as E grows (see `route_block_t`).
 AUX = {
     "sm_90": {"sort": 1024, "count": 1024, "capacity": (64, 64), "combine": (16, 128), "route_elems": 2048},
-    "sm_80": {"sort": 1024, "count": 1024, "capacity": (64, 64), "combine": (16, 128), "route_elems": 2048},
+    "sm_80": {"sort": 1024, "count": 1024, "capacity": (64, 64), "combine": (16, 128), "route_elems": 1024},
     "interpreter": {"sort": 32, "count": 32, "capacity": (16, 16), "combine": (16, 16), "route_elems": 128},
 }
 AUX_WARPS = 4
@@ -69,7 +69,7 @@ AUX_WARPS = 4
 # On sm_90 16-bit tiles keep BLOCK_M a multiple of 64 and 4 or 8 warps, for wgmma. Not tuned on a GPU yet:
 # derived from the unfused up/down entries above.
 FUSED = {
-    ("sm_90", "prefill"): {2: (128, 64, 64, 128, 64, 8, 3), 4: (128, 32, 32, 64, 32, 8, 3)},
+    ("sm_90", "prefill"): {2: (128, 64, 64, 64, 64, 8, 3), 4: (128, 32, 32, 64, 32, 8, 3)},
     ("sm_90", "nvshmem"): {2: (128, 32, 64, 64, 64, 8, 3), 4: (128, 32, 32, 64, 32, 8, 3)},
     ("sm_90", "decode"): {2: (64, 64, 128, 64, 128, 4, 3), 4: (64, 32, 64, 64, 64, 4, 3)},
     ("sm_80", "prefill"): {2: (128, 64, 32, 64, 32, 8, 3), 4: (64, 32, 32, 64, 32, 4, 3)},

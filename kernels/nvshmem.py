@@ -27,26 +27,34 @@ _I32, _I64 = core.dtype("int32"), core.dtype("int64")
 
 
 def device_bitcode(arch: int) -> str | None:
-    """Path of libnvshmem_device_sm_<arch>.bc from the nvidia-nvshmem wheel (the closest arch not above
-    `arch`), or None when the wheel is not installed."""
+    """Path of the NVSHMEM device bitcode from the nvidia-nvshmem wheel: libnvshmem_device_sm_<N>.bc for the
+    closest N not above `arch` (wheels from 3.7 on), else the single libnvshmem_device.bc (older wheels);
+    None when the wheel is not installed."""
     spec = importlib.util.find_spec("nvidia")
     if spec is None or not spec.submodule_search_locations:
         return None
-    found = {}
+    found, generic = {}, None
     for root in spec.submodule_search_locations:
-        for path in glob.glob(os.path.join(root, "nvshmem", "lib", "libnvshmem_device_sm_*.bc")):
+        lib = os.path.join(root, "nvshmem", "lib")
+        for path in glob.glob(os.path.join(lib, "libnvshmem_device_sm_*.bc")):
             sm = os.path.basename(path)[len("libnvshmem_device_sm_"):-len(".bc")]
             if sm.isdigit():
                 found[int(sm)] = path
+        if os.path.exists(os.path.join(lib, "libnvshmem_device.bc")):
+            generic = os.path.join(lib, "libnvshmem_device.bc")
     usable = [sm for sm in found if sm <= arch]
-    return found[max(usable)] if usable else None
+    return found[max(usable)] if usable else generic
 
 
 def extern_libs(arch: int) -> tuple:
-    """The `extern_libs` compile option for a kernel calling these functions on sm_<arch>."""
+    """The `extern_libs` compile option for a kernel calling these functions on sm_<arch>.
+
+    The bitcode must be readable by the LLVM inside the installed Triton: nvidia-nvshmem-cu13 3.8 is built
+    with clang 22, which Triton 3.6 cannot parse ("Failed to parse library"); 3.7 (clang 21) works from
+    Triton 3.6 through 3.9, hence the pin in pyproject.toml."""
     bitcode = device_bitcode(arch)
     if bitcode is None:
-        raise RuntimeError("the NVSHMEM device bitcode is missing: pip install nvidia-nvshmem-cu13")
+        raise RuntimeError("the NVSHMEM device bitcode is missing: pip install 'nvidia-nvshmem-cu13<3.8'")
     return ((SHIM_NAME, SHIM_PATH), ("libnvshmem_device", bitcode))
 
 
