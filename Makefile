@@ -4,7 +4,10 @@
 #   TORCH_SPEC  the torch installed when the venv has none (the CPU build on disk here)
 #   PIP_DEPS    --no-deps on machines without a package registry (gpu-check)
 #   BENCH_ARGS  extra flashmoe-bench options for `make bench`
+#   EXTRA_PINS  requirements installed together with the project (test-triton-oldest pins Triton 3.6)
 # `make compile-check` compiles every Triton kernel for sm_90 and sm_80 without a GPU (part of `make test`);
+# `make test-triton-oldest` runs the compile gate and the Triton tests again on Triton 3.6, the oldest we support
+# (the GPU image's), in .venv-triton-oldest; CI runs it after `make test`.
 # `make gpu-check` is for a GPU machine with torch + triton preinstalled and no network: gpu tests + benchmark.
 
 PYTHON ?= python3
@@ -13,16 +16,17 @@ VENV_ARGS ?=
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test,bench
 PIP_DEPS ?=
+EXTRA_PINS ?=
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install test bench lint clean compile-check gpu-check gpu-check-run
+.PHONY: install test bench lint clean compile-check gpu-check gpu-check-run test-triton-oldest triton-oldest-run
 
 $(INSTALLED): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
 	$(PY) -m pip install -q $(PIP_DEPS) setuptools wheel ninja
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q $(PIP_DEPS) --no-build-isolation -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q $(PIP_DEPS) --no-build-isolation -e ".[$(EXTRAS)]" $(EXTRA_PINS)
 	touch $@
 
 install: $(INSTALLED)
@@ -38,6 +42,14 @@ BENCH := $(VENV)/bin/flashmoe-bench --out 'bench/results/{device}' --plot 'bench
 
 compile-check: $(INSTALLED)
 	$(PY) -m flashmoe_py.triton_compile_check
+
+# numpy<2.4: Triton 3.6's interpreter turns 1-element arrays into ints, which numpy 2.4 refuses.
+test-triton-oldest:
+	$(MAKE) VENV=.venv-triton-oldest EXTRAS=test EXTRA_PINS='triton==3.6.0 "numpy<2.4"' triton-oldest-run
+
+triton-oldest-run: $(INSTALLED) compile-check
+	$(PY) -m pytest -q -W "ignore:Conversion of an array with ndim:DeprecationWarning" \
+		tests/test_triton_backend.py tests/test_fused.py tests/test_fused_ep.py
 
 RESULTS := bench/results/gpu-check-$(shell date +%Y%m%d-%H%M%S)
 gpu-check:

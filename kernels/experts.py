@@ -64,9 +64,9 @@ def up_tile(a_ptrs, row_ok, w_base, b_base, cols, col_ok, H, INNER,
             a, b_g = a.to(tl.float32), b_g.to(tl.float32)
             if GATED:
                 b_u = b_u.to(tl.float32)
-        acc_g = tl.dot(a, b_g, acc_g, input_precision=PRECISION)
+        acc_g = tl.dot(a, b_g, acc_g, input_precision=PRECISION, out_dtype=acc_g.dtype)
         if GATED:
-            acc_u = tl.dot(a, b_u, acc_u, input_precision=PRECISION)
+            acc_u = tl.dot(a, b_u, acc_u, input_precision=PRECISION, out_dtype=acc_u.dtype)
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K * n_up
     if HAS_BIAS:
@@ -100,7 +100,7 @@ def gemm_tile(a_ptrs, row_ok, b_ptrs, col_ok, K, stride_bk, EVEN_K: tl.constexpr
         b = tl.load(b_ptrs, mask=b_mask, other=0.0)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
     return acc
@@ -256,9 +256,9 @@ def act_grad_kernel(
         g = tl.load(g_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if UPCAST:
-            acc = tl.dot(g.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+            acc = tl.dot(g.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION, out_dtype=acc.dtype)
         else:
-            acc = tl.dot(g, b, acc, input_precision=PRECISION)
+            acc = tl.dot(g, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
         if DW and HAS_BIAS:
             bd = tl.load(bd_ptr + e.to(tl.int64) * H + k0 + offs_k, mask=k_ok, other=0.0).to(acc_ty)
             bias_dot += tl.sum(g.to(acc_ty) * bd[None, :], 1)
@@ -340,9 +340,9 @@ def weight_grad_kernel(
             w = tl.load(weight_ptr + src, mask=k_ok, other=0.0).to(acc_ty)
             b = (b.to(acc_ty) * w[:, None]).to(b_ptr.dtype.element_ty)
         if UPCAST:
-            acc = tl.dot(a_t.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+            acc = tl.dot(a_t.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION, out_dtype=acc.dtype)
         else:
-            acc = tl.dot(a_t, b, acc, input_precision=PRECISION)
+            acc = tl.dot(a_t, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
         if HAS_BIAS:
             col_sum += tl.sum(b.to(acc_ty), 0)
     out_mask = m_ok[:, None] & n_ok[None, :]

@@ -247,9 +247,9 @@ def _route_task(b, x_ptr, router_ptr, ebias_ptr, logits_ptr, ids_ptr, wts_ptr, s
                 w = tl.load(router_ptr + ex[None, :].to(tl.int64) * H + kk[:, None],
                             mask=kk_ok[:, None] & ex_ok[None, :], other=0.0)
                 if NATIVE_DOT:  # 16-bit x and router of one dtype: exact products, fp32 sums
-                    logits = tl.dot(a, w, logits)
+                    logits = tl.dot(a, w, logits, out_dtype=logits.dtype)
                 else:
-                    logits = tl.dot(a.to(acc_ty), w.to(acc_ty), logits, input_precision="ieee")
+                    logits = tl.dot(a.to(acc_ty), w.to(acc_ty), logits, input_precision="ieee", out_dtype=logits.dtype)
             tl.store(logits_ptr + rows[:, None] * E + ex[None, :], logits, mask=mask)
         else:
             logits = tl.load(logits_ptr + rows[:, None] * E + ex[None, :], mask=mask, other=float("-inf"))
