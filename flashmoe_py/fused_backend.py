@@ -442,7 +442,17 @@ def _nvshmem_libs(target: str) -> tuple:
 def _init_nvshmem_module(kernel, nprog, args, constexprs, options) -> None:
     """NVSHMEM device code needs its CUDA module initialised (nvshmem4py cumodule_init) before the first launch:
     compile without launching, initialise, then launch from the same cache entry."""
-    compiled = kernel.warmup(**args, PHASE=0, **constexprs, **options, grid=(nprog,))
+    try:
+        compiled = kernel.warmup(**args, PHASE=0, **constexprs, **options, grid=(nprog,))
+    except ValueError as e:
+        if "parse library" not in str(e):
+            raise
+        import triton
+
+        raise BackendUnavailable(
+            f"FLASHMOE_FUSED_PUTS=nvshmem: Triton {triton.__version__} cannot read the NVSHMEM device bitcode "
+            f"({e}); it was built by a newer LLVM than Triton's. Install nvidia-nvshmem-cu13<3.8 (clang 21 "
+            "bitcode) or a newer Triton, or leave FLASHMOE_FUSED_PUTS unset for the peer-pointer puts") from e
     compiled._init_handles()
     handle = int(compiled.module)
     if handle not in _MODULES_READY:

@@ -228,3 +228,21 @@ def test_auto_keeps_triton_on_one_device():
     cfg = fm.MoEConfig(hidden_size=8, ffn_hidden_size=4, num_experts=4, top_k=2)
     assert fused_backend.auto_reason(cfg, None) is not None
     assert fm.backends.resolve("auto", "cpu", cfg) == "reference"
+
+
+def test_unreadable_nvshmem_bitcode_says_which_versions():
+    # Triton 3.6 cannot parse nvidia-nvshmem-cu13 3.8's clang-22 bitcode: the first compile of the NVSHMEM-puts
+    # kernel then fails inside Triton; the user gets the versions to change instead of an LLVM parse error.
+    class Kernel:
+        def warmup(self, **kwargs):
+            raise ValueError("Failed to parse library at /x/libnvshmem_device_sm_90.bc")
+
+    with pytest.raises(fm.BackendUnavailable, match=r"nvidia-nvshmem-cu13<3\.8.*FLASHMOE_FUSED_PUTS"):
+        fused_backend._init_nvshmem_module(Kernel(), 1, {}, {}, {})
+
+    class Other:
+        def warmup(self, **kwargs):
+            raise ValueError("some other compile error")
+
+    with pytest.raises(ValueError, match="some other"):
+        fused_backend._init_nvshmem_module(Other(), 1, {}, {}, {})
