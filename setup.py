@@ -34,6 +34,26 @@ def _max_jobs() -> str:
     return str(max(1, min(os.cpu_count() or 1, int(mem_gib // 4))))
 
 
+def _cuda_home(nvcc: str) -> str | None:
+    """The CUDA toolkit root to build against: $CUDA_HOME or $CUDA_PATH, else the root of the nvcc on the PATH
+    with links resolved, else /usr/local/cuda; the first that has bin/nvcc and include/cuda_runtime_api.h.
+    torch guesses dirname(dirname(which nvcc)), wrong when the nvcc on the PATH is a wrapper script (as
+    /usr/local/bin/nvcc -> /usr/local/cuda-13.0 is on some machines): then the runtime headers are missing."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                  os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
+    with open(nvcc, "rb") as f:
+        head = f.read(4096)
+    if head.startswith(b"#!"):  # a wrapper script: the nvcc it execs names the real toolkit
+        for word in head.decode(errors="replace").split():
+            if word.endswith("/bin/nvcc"):
+                candidates.insert(2, os.path.dirname(os.path.dirname(word)))
+    for root in candidates:
+        if root and os.path.isfile(os.path.join(root, "bin", "nvcc")) \
+                and os.path.isfile(os.path.join(root, "include", "cuda_runtime_api.h")):
+            return root
+    return None
+
+
 def _extensions():
     """(ext_modules, cmdclass, summary lines)."""
     cpu_sources = sorted(glob.glob("csrc/*.cpp"))
@@ -44,11 +64,16 @@ def _extensions():
         return [], {}, ["_C: no sources under csrc/"]
     try:
         import torch
-        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         return [], {}, ["_C: skipped, torch is not importable at build time (use --no-build-isolation)"]
     os.environ["MAX_JOBS"] = _max_jobs()
-    with_cuda = bool(cuda_sources) and not SKIP_CUDA and shutil.which("nvcc") and torch.version.cuda
+    nvcc = shutil.which("nvcc")
+    cuda_home = _cuda_home(nvcc) if nvcc and torch.version.cuda else None
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home  # read when cpp_extension is imported, just below
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    with_cuda = bool(cuda_sources) and not SKIP_CUDA and cuda_home is not None
     cxx = ["-O3", "-std=c++17"]
     if with_cuda:
         gencode = [f"-gencode=arch=compute_{a.rstrip('a')},code=sm_{a}" for a in CUDA_ARCHS.split(";") if a]
@@ -58,7 +83,8 @@ def _extensions():
     else:
         ext = CppExtension("flashmoe_py._C", cpu_sources, extra_compile_args=cxx)
         why = ("FLASHMOE_SKIP_CUDA=1" if SKIP_CUDA else "no .cu sources" if not cuda_sources
-               else "nvcc not found" if not shutil.which("nvcc") else "torch has no CUDA")
+               else "nvcc not found" if not nvcc else "torch has no CUDA" if not torch.version.cuda
+               else f"no CUDA toolkit with include/cuda_runtime_api.h found from {nvcc}; set CUDA_HOME")
         what = f"CPU only ({why})"
     summary = [f"_C: {what}; sources: {', '.join(cpu_sources + (cuda_sources if with_cuda else []))}",
                f"    MAX_JOBS={os.environ['MAX_JOBS']}"]
