@@ -19,6 +19,13 @@ def seed() -> int:
     return s
 
 
+@pytest.fixture
+def poison(monkeypatch):
+    """Backends fill every buffer they allocate with NaN / -2**30 before a kernel writes it
+    (FLASHMOE_DEBUG_POISON), so an element a kernel forgets shows in the comparisons."""
+    monkeypatch.setenv("FLASHMOE_DEBUG_POISON", "1")
+
+
 def pytest_collection_modifyitems(config, items):
     # Decided at collection from torch's own query, which makes no CUDA call when no driver is present.
     if torch.cuda.is_available():

@@ -1,10 +1,11 @@
-"""Test inputs: random parameters in a well-conditioned range (never zeros) and their fp64 copies."""
+"""Test inputs: random parameters in a well-conditioned range (never zeros) and their fp64 copies; one forward +
+backward through a named backend, for the backend-vs-reference comparisons."""
 
 from __future__ import annotations
 
 import torch
 
-from flashmoe_py import MoEConfig, MoEParams
+from flashmoe_py import MoEConfig, MoEParams, moe
 
 
 def random_params(cfg: MoEConfig, dtype=torch.float64, device="cpu", num_local_experts=None) -> dict:
@@ -41,3 +42,21 @@ def as_params(p: dict) -> MoEParams:
 def to_fp64_leaves(p: dict) -> dict:
     """Detached fp64 copies that require grad (expert_bias is a buffer: no grad)."""
     return {n: t.detach().double().requires_grad_(n != "expert_bias") for n, t in p.items()}
+
+
+def random_inputs(cfg: MoEConfig, dtype, num_tokens: int, device="cpu") -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """(params by name in `dtype`, x [num_tokens, H] in `dtype`, upstream gradient [num_tokens, H] fp64)."""
+    params = {n: t.to(device) for n, t in random_params(cfg, dtype).items()}
+    x = torch.randn(num_tokens, cfg.hidden_size, dtype=torch.float64).to(device, dtype)
+    upstream = torch.randn(num_tokens, cfg.hidden_size, dtype=torch.float64, device=device)
+    return params, x, upstream
+
+
+def forward_backward(backend: str, cfg: MoEConfig, params: dict, x: torch.Tensor, upstream: torch.Tensor, **routing):
+    """Forward + backward of sum(out * upstream) + aux_loss on fresh leaves; returns (MoEOutput, grad x,
+    grads by parameter name; expert_bias, a buffer, has none)."""
+    p = {n: t.detach().clone().requires_grad_(n != "expert_bias") for n, t in params.items()}
+    xg = x.detach().clone().requires_grad_()
+    result = moe(xg, p, cfg, backend=backend, **routing)
+    ((result.out.double() * upstream).sum() + result.aux_loss.double()).backward()
+    return result, xg.grad, {n: t.grad for n, t in p.items() if n != "expert_bias"}

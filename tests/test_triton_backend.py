@@ -33,7 +33,7 @@ pytest.importorskip("triton")
 import flashmoe_py as fm  # noqa: E402
 from flashmoe_py import reference, triton_backend  # noqa: E402
 from flashmoe_py.routing import capacity_mask, route, sort_by_expert  # noqa: E402
-from tests.helpers import random_params  # noqa: E402
+from tests.helpers import forward_backward, random_inputs, random_params  # noqa: E402
 from tests.tolerances import assert_close  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -70,31 +70,16 @@ LOSSES = dict(aux_loss_coef=0.1, z_loss_coef=0.01)  # so router gradients flow t
 pytestmark = pytest.mark.usefixtures("poison")
 
 
-@pytest.fixture
-def poison(monkeypatch):
-    monkeypatch.setenv("FLASHMOE_DEBUG_POISON", "1")
-
 
 def _inputs(cfg, dtype, num_tokens=NUM_TOKENS):
-    params = {n: t.to(DEVICE) for n, t in random_params(cfg, dtype).items()}
-    x = torch.randn(num_tokens, cfg.hidden_size, dtype=torch.float64).to(DEVICE, dtype)
-    upstream = torch.randn(num_tokens, cfg.hidden_size, dtype=torch.float64, device=DEVICE)
-    return params, x, upstream
+    return random_inputs(cfg, dtype, num_tokens, DEVICE)
 
-
-def _fwd_bwd(backend, cfg, params, x, upstream, **routing):
-    """Forward + backward of sum(out * upstream) + aux_loss; returns (MoEOutput, grad x, grads by name)."""
-    p = {n: t.detach().clone().requires_grad_(n != "expert_bias") for n, t in params.items()}
-    xg = x.detach().clone().requires_grad_()
-    result = fm.moe(xg, p, cfg, backend=backend, **routing)
-    ((result.out.double() * upstream).sum() + result.aux_loss.double()).backward()
-    return result, xg.grad, {n: t.grad for n, t in p.items() if n != "expert_bias"}
 
 
 def _compare(cfg, dtype, params, x, upstream, tol=None, **routing):
     tol = tol or dtype
-    got, gx, gp = _fwd_bwd("triton", cfg, params, x, upstream, **routing)
-    ref, rx, rp = _fwd_bwd("reference", cfg, params, x, upstream, **routing)
+    got, gx, gp = forward_backward("triton", cfg, params, x, upstream, **routing)
+    ref, rx, rp = forward_backward("reference", cfg, params, x, upstream, **routing)
     assert got.backend == "triton"
     assert got.out.dtype == x.dtype and got.out.shape == x.shape
     assert torch.equal(got.routing.topk_ids, ref.routing.topk_ids), "chosen experts differ"
@@ -270,8 +255,8 @@ def test_deterministic_reruns_are_bit_identical(seed):
     # and backward give the same bits every time.
     cfg = fm.MoEConfig(**CONFIGS["geglu_bias_capacity"], **LOSSES)
     params, x, upstream = _inputs(cfg, torch.float32)
-    first, gx, gp = _fwd_bwd("triton", cfg, params, x, upstream)
-    again, gx2, gp2 = _fwd_bwd("triton", cfg, params, x, upstream)
+    first, gx, gp = forward_backward("triton", cfg, params, x, upstream)
+    again, gx2, gp2 = forward_backward("triton", cfg, params, x, upstream)
     assert torch.equal(first.out, again.out)
     assert torch.equal(gx, gx2)
     assert all(torch.equal(gp[n], gp2[n]) for n in gp)
