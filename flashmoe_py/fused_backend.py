@@ -38,8 +38,6 @@ kernel's status needs no sync then); under the interpreter at once.
 from __future__ import annotations
 
 import functools
-import importlib.util
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -68,20 +66,10 @@ INTERPRETER_PROGRAMS = 2  # per phase launch: program 1 finds the task counters 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
     """None when the fused kernel can run on `device`, else why not."""
-    device = torch.device(device)
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed (pip install triton)"
-    if device.type == "cuda":
-        return None
-    if device.type != "cpu":
-        return f"the fused kernel runs on CUDA devices (or on CPU under TRITON_INTERPRET=1), not on {device.type}"
-    if not env.triton_interpret():
-        return ("on CPU it runs only under the Triton interpreter (set TRITON_INTERPRET=1 before flashmoe_py is "
-                "imported), for tests; expert parallelism then needs transport='shm'")
-    kernels = sys.modules.get("flashmoe_py.kernels.fused_moe")
-    if kernels is not None and type(kernels.fused_moe_kernel).__name__ != "InterpretedFunction":
-        return "the fused kernel was compiled for the GPU before TRITON_INTERPRET=1 was set"
-    return None
+    from .triton_backend import device_reason
+
+    return device_reason(device, "the fused kernel's launches", "flashmoe_py.kernels.fused_moe", "fused_moe_kernel",
+                         cpu_note=" (for tests; expert parallelism then needs transport='shm')")
 
 
 def unsupported_reason(cfg: MoEConfig, expert_parallel=None) -> Optional[str]:

@@ -48,24 +48,28 @@ _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
     """None when the Triton kernels can run on `device`, else why not."""
+    return device_reason(device, "the Triton kernels", "flashmoe_py.kernels", "route_kernel")
+
+
+def device_reason(device: torch.device, what: str, module: str, kernel: str, cpu_note: str = "") -> Optional[str]:
+    """Why Triton kernels (`what`, for the message) cannot run on `device`, or None; shared with the fused backend.
+    `module`.`kernel` is a kernel whose loaded form shows whether this process already fixed compiled vs
+    interpreted (Triton decides when the kernels are decorated)."""
     device = torch.device(device)
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed (pip install triton)"
     if device.type == "cuda":
         return None
     if device.type != "cpu":
-        return f"the Triton kernels run on CUDA devices (or on CPU under TRITON_INTERPRET=1), not on {device.type}"
+        return f"{what} run on CUDA devices (or on CPU under TRITON_INTERPRET=1), not on {device.type}"
     if not env.triton_interpret():
-        return "on CPU it runs only under the Triton interpreter: set TRITON_INTERPRET=1 before flashmoe_py is imported"
-    kernels = sys.modules.get("flashmoe_py.kernels")
-    if kernels is not None and not _interpreted(kernels):
-        return ("flashmoe_py.kernels was compiled for the GPU before TRITON_INTERPRET=1 was set; set it before the "
-                "kernels are first imported")
+        return ("on CPU it runs only under the Triton interpreter: set TRITON_INTERPRET=1 before flashmoe_py is "
+                "imported" + cpu_note)
+    loaded = sys.modules.get(module)
+    if loaded is not None and type(getattr(loaded, kernel)).__name__ != "InterpretedFunction":
+        return (f"{what} were compiled for the GPU before TRITON_INTERPRET=1 was set; set it before they are first "
+                "imported")
     return None
-
-
-def _interpreted(kernels) -> bool:
-    return type(kernels.route_kernel).__name__ == "InterpretedFunction"
 
 
 @functools.lru_cache(maxsize=None)

@@ -60,3 +60,31 @@ def forward_backward(backend: str, cfg: MoEConfig, params: dict, x: torch.Tensor
     result = moe(xg, p, cfg, backend=backend, **routing)
     ((result.out.double() * upstream).sum() + result.aux_loss.double()).backward()
     return result, xg.grad, {n: t.grad for n, t in p.items() if n != "expert_bias"}
+
+
+def compare_to_reference(backend: str, cfg: MoEConfig, dtype, params: dict, x: torch.Tensor, upstream: torch.Tensor,
+                         tol=None, **routing):
+    """Forward + backward through `backend` and through the reference on the same inputs: the same experts
+    chosen and kept, the same counts and drops, and output, aux loss and every gradient within `tol` (default:
+    `dtype`'s tolerance). Returns the backend's MoEOutput for further checks."""
+    from tests.tolerances import assert_close
+
+    tol = tol or dtype
+    got, gx, gp = forward_backward(backend, cfg, params, x, upstream, **routing)
+    ref, rx, rp = forward_backward("reference", cfg, params, x, upstream, **routing)
+    assert got.backend == backend
+    assert got.out.dtype == x.dtype and got.out.shape == x.shape
+    assert torch.equal(got.routing.topk_ids, ref.routing.topk_ids), "chosen experts differ"
+    assert torch.equal(got.routing.kept, ref.routing.kept), "capacity kept different assignments"
+    assert torch.equal(got.stats.tokens_per_expert.cpu(), ref.stats.tokens_per_expert.cpu())
+    assert int(got.stats.dropped) == int(ref.stats.dropped)
+    assert_close(got.out, ref.out, tol, "out")
+    assert_close(got.aux_loss, ref.aux_loss, tol, "aux_loss")
+    assert_close(gx, rx, tol, "grad x")
+    for n in rp:
+        if rp[n] is None:  # caller-supplied routing: the router gets no gradient in either path
+            assert gp[n] is None, f"unexpected gradient for {n}"
+            continue
+        assert gp[n] is not None, f"no gradient for {n}"
+        assert_close(gp[n], rp[n], tol, f"grad {n}")
+    return got

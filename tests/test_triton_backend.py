@@ -33,7 +33,7 @@ pytest.importorskip("triton")
 import flashmoe_py as fm  # noqa: E402
 from flashmoe_py import reference, triton_backend  # noqa: E402
 from flashmoe_py.routing import capacity_mask, route, sort_by_expert  # noqa: E402
-from tests.helpers import forward_backward, random_inputs, random_params  # noqa: E402
+from tests.helpers import compare_to_reference, forward_backward, random_inputs, random_params  # noqa: E402
 from tests.tolerances import assert_close  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -75,26 +75,8 @@ def _inputs(cfg, dtype, num_tokens=NUM_TOKENS):
     return random_inputs(cfg, dtype, num_tokens, DEVICE)
 
 
-
 def _compare(cfg, dtype, params, x, upstream, tol=None, **routing):
-    tol = tol or dtype
-    got, gx, gp = forward_backward("triton", cfg, params, x, upstream, **routing)
-    ref, rx, rp = forward_backward("reference", cfg, params, x, upstream, **routing)
-    assert got.backend == "triton"
-    assert got.out.dtype == x.dtype and got.out.shape == x.shape
-    assert torch.equal(got.routing.topk_ids, ref.routing.topk_ids), "chosen experts differ"
-    assert torch.equal(got.routing.kept, ref.routing.kept), "capacity kept different assignments"
-    assert torch.equal(got.stats.tokens_per_expert.cpu(), ref.stats.tokens_per_expert.cpu())
-    assert int(got.stats.dropped) == int(ref.stats.dropped)
-    assert_close(got.out, ref.out, tol, "out")
-    assert_close(got.aux_loss, ref.aux_loss, tol, "aux_loss")
-    assert_close(gx, rx, tol, "grad x")
-    for n in rp:
-        if rp[n] is None:  # caller-supplied routing: the router gets no gradient in either path
-            assert gp[n] is None, f"unexpected gradient for {n}"
-            continue
-        assert gp[n] is not None, f"no gradient for {n}"
-        assert_close(gp[n], rp[n], tol, f"grad {n}")
+    got = compare_to_reference("triton", cfg, dtype, params, x, upstream, tol, **routing)
     return got
 
 
