@@ -43,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from . import env
+from . import env, interpreter_threads
 from .backends import BackendUnavailable
 from .config import MoEConfig
 from .dist.heap import ExchangeTimeout
@@ -58,6 +58,7 @@ HANDLES_EXPERT_PARALLEL = True  # moe_forward(..., expert_parallel=ep) moves the
 INTERPRETER_SPIN_S = 2e-3  # seconds one spin iteration takes under the interpreter (waits count iterations)
 PROGRAMS_PER_SM = 1
 INTERPRETER_PROGRAMS = 2  # per phase launch: program 1 finds the task counters exhausted, as on a GPU
+INTERPRETER_CONCURRENT_PROGRAMS = 4  # the PHASE=ALL launch under interpreter_threads.concurrent_programs()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -357,7 +358,7 @@ def _prepare(state: FusedState, call: _Call, target: str, nprog: int, puts: str)
     pre = out((rows, cfg.up_size), x.dtype) if call.save else None
     stats, losses = out((e + 2 + w,), torch.int64), out((3,), acc)
     res = dict(out=out((t, hidden), x.dtype), ids=ids, weights=wts, scores=scores, logits=logits, order=order,
-               slot_of=slot_of, h=h, pre=pre, stats=stats, losses=losses)
+               slot_of=slot_of, h=h, pre=pre, stats=stats, losses=losses, claims=out((nprog,), torch.int32))
     scale = float(cfg.routed_scaling_factor)
     scale_hi = float(torch.tensor(scale, dtype=torch.float32))
     timer = target != "interpreter"
@@ -367,7 +368,7 @@ def _prepare(state: FusedState, call: _Call, target: str, nprog: int, puts: str)
               and x.dtype in (torch.bfloat16, torch.float16) and target != "interpreter")
     args = dict(
         out_ptr=res["out"], ids_ptr=ids, wts_ptr=wts, scores_ptr=scores, logits_ptr=logits, order_ptr=order,
-        slot_ptr=slot_of, h_ptr=h, pre_ptr=pre, stats_ptr=stats, loss_ptr=losses,
+        slot_ptr=slot_of, h_ptr=h, pre_ptr=pre, stats_ptr=stats, loss_ptr=losses, claims_ptr=res["claims"],
         x_ptr=x, router_ptr=router if call.routing_mode == "compute" else None,
         ebias_ptr=p.expert_bias if (cfg.expert_bias and not given) else None, addend_ptr=call.addend,
         w_up_ptr=p.w_up, b_up_ptr=p.b_up, w_down_ptr=p.w_down, b_down_ptr=p.b_down,
@@ -399,8 +400,9 @@ def _launch(state: FusedState, call: _Call) -> tuple[dict, int]:
     """Run the kernel for `call`: one launch (GPU) or one per phase (interpreter). Returns (outputs, launches)."""
     fused, _ = _kernels()
     target = _target(state.device)
+    concurrent = target == "interpreter" and interpreter_threads.active()
     if target == "interpreter":
-        nprog = INTERPRETER_PROGRAMS
+        nprog = INTERPRETER_CONCURRENT_PROGRAMS if concurrent else INTERPRETER_PROGRAMS
     else:
         sms = torch.cuda.get_device_properties(state.device).multi_processor_count
         nprog = sms * PROGRAMS_PER_SM
@@ -410,6 +412,9 @@ def _launch(state: FusedState, call: _Call) -> tuple[dict, int]:
     if puts == "nvshmem":
         options["extern_libs"] = _nvshmem_libs(target)
     kernel = fused.fused_moe_kernel
+    if concurrent:  # the programs run at once, as on a GPU: the one launch a GPU makes
+        kernel[(nprog,)](**args, PHASE=fused.PHASES["all"], **constexprs, **options)
+        return res, 1
     if target == "interpreter":
         for phase in ("route", "dispatch", "gemm0", "gemm1", "combine"):
             kernel[(nprog,)](**args, PHASE=fused.PHASES[phase], **constexprs, **options)
@@ -623,7 +628,7 @@ def moe_forward(x2d: torch.Tensor, params: MoEParams, cfg: MoEConfig, routing: O
     stats = MoEStats(tokens_per_expert=stats_t[:e], dropped=stats_t[e],
                      bytes_sent=stats_t[e + 1] if distributed else 0,
                      rows_per_peer=stats_t[e + 2:e + 2 + w] if distributed else None, kernel_launches=run.launches,
-                     host_syncs=0)
+                     host_syncs=0, tasks_per_program=res["claims"] if run.launches == 1 else None)
     if mode == "given":
         lb, z, aux = res["losses"][0], res["losses"][1], res["losses"][2]
         routing_out = routing

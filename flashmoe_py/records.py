@@ -90,6 +90,8 @@ class MoEStats:
     rows_per_peer     [W] int64 or None   rows this rank sent to each rank in the last forward (distributed)
     kernel_launches   int or None kernel launches of the forward, where the backend counts them
     host_syncs        int or None host synchronisations of the forward, where the backend counts them
+    tasks_per_program [P] int32 or None   tasks each program of the persistent launch claimed (fused backend, one
+                                  launch): how the work spread over the grid
     """
 
     tokens_per_expert: torch.Tensor
@@ -98,6 +100,7 @@ class MoEStats:
     rows_per_peer: torch.Tensor | None = None
     kernel_launches: int | None = None
     host_syncs: int | None = None
+    tasks_per_program: torch.Tensor | None = None
 
 
 @dataclass

@@ -642,8 +642,9 @@ def fused_moe_kernel(
     # outputs (per forward)
     out_ptr, ids_ptr, wts_ptr, scores_ptr, logits_ptr,  # out [T, H]; ids [T, K] int64; weights [T, K] fp32/fp64;
     # scores, logits [T, E] fp32/fp64 (ids/weights are inputs when ROUTING == "given", logits when "logits")
-    order_ptr, slot_ptr, h_ptr, pre_ptr, stats_ptr, loss_ptr,  # order, slot_of [T*K] int32; h [R, I]; pre [R, N_UP]
-    # (SAVE_PRE); stats [E + 2 + W] int64 (tokens per expert, dropped, bytes sent, rows per peer); loss [3] lb, z, aux
+    order_ptr, slot_ptr, h_ptr, pre_ptr, stats_ptr, loss_ptr, claims_ptr,  # order, slot_of [T*K] int32; h [R, I];
+    # pre [R, N_UP] (SAVE_PRE); stats [E + 2 + W] int64 (tokens per expert, dropped, bytes sent, rows per peer);
+    # loss [3] lb, z, aux; claims [grid] int32: tasks each program claimed (PHASE=ALL only)
     # inputs
     x_ptr, router_ptr, ebias_ptr, addend_ptr, w_up_ptr, b_up_ptr, w_down_ptr, b_down_ptr,  # x [T, H]; router [E, H];
     # ebias [E] fp32; addend [T, H] fp32/fp64; w_up [E_local, H, N_UP], b_up [E_local, N_UP], w_down [E_local, I, H],
@@ -677,12 +678,14 @@ def fused_moe_kernel(
     nb1 = tl.cdiv(H, BN1)  # and down projection
     ng0 = tl.cdiv(nb0, TN0)  # tasks per row tile: TN0 (TN1) column tiles each, so a decode serves several
     ng1 = tl.cdiv(nb1, TN1)
+    n_tasks = epoch * 0  # tasks this program claimed (stats.tasks_per_program)
 
     if (PHASE == _ALL) or (PHASE == _ROUTE):
         zb = tl.arange(0, 128)
         chunk = tl.cdiv(HALF, NB)
         t = tl.atomic_add(half + _CLAIM + 0, 1)
         while t < NB:
+            n_tasks += 1
             _route_task(t, x_ptr, router_ptr, ebias_ptr, logits_ptr, ids_ptr, wts_ptr, scores_ptr, table_ptr, part_ptr,
                         T, H, scale_hi, scale_lo, ROUTING, NATIVE_DOT, E, TOPK, GROUPS, TOPK_GROUPS, SIGMOID,
                         HAS_EBIAS, RENORM, E_PAD, K_PAD, G_PAD, BT, BK0)
@@ -700,6 +703,7 @@ def fused_moe_kernel(
     if (PHASE == _ALL) or (PHASE == _DISPATCH):
         t = tl.atomic_add(half + _CLAIM + 1, 1)
         while t < NB:
+            n_tasks += 1
             if _wait_counter(half + _ROUTED, 1, sync_ptr, limit, USE_TIMER):
                 _dispatch_task(t, x_ptr, ids_ptr, order_ptr, slot_ptr, table_ptr, counts_ptr, gstart_ptr, half,
                                heap_rows, heap_words, rows_delta_ptr, words_delta_ptr, heap_addr,
@@ -714,6 +718,7 @@ def fused_moe_kernel(
         go = c >= 0
         while go:
             if c < W:
+                n_tasks += 1
                 _recv_task((me + c) % W, sync_ptr, half, status_addr, stats_ptr, heap_words, words_delta_ptr,
                            heap_addr, me, seq, slab_rows, sig0, sig1, limit,
                            PUTS, USE_TIMER, W, E, EL, ROW_BYTES, EL_PAD)
@@ -722,6 +727,7 @@ def fused_moe_kernel(
                 found, s, el, m, n_e, pst, hb = _decode(g, sync_ptr, half, me, limit,
                                                         USE_TIMER, W, EL, EL_PAD, BM)
                 if found == 1:
+                    n_tasks += 1
                     if g < G_MAX:
                         n_lo = ((c - W) % ng0) * TN0
                         _gemm0_task(g, n_lo, tl.minimum(n_lo + TN0, nb0), s, el, m, n_e, pst, hb, half,
@@ -744,6 +750,7 @@ def fused_moe_kernel(
             found, s, el, m, n_e, pst, hb = _decode(g, sync_ptr, half, me, limit,
                                                     USE_TIMER, W, EL, EL_PAD, BM)
             if found == 1:
+                n_tasks += 1
                 if _wait_counter(half + _READY + W + 3 * (W * EL) + g, nb0, sync_ptr, limit, USE_TIMER):
                     n_lo = (c % ng1) * TN1
                     _gemm1_task(g, n_lo, tl.minimum(n_lo + TN1, nb1), s, el, m, n_e, pst, hb, half, heap_rows,
@@ -759,6 +766,7 @@ def fused_moe_kernel(
     if (PHASE == _ALL) or (PHASE == _COMBINE):
         c = tl.atomic_add(half + _CLAIM + 4, 1)
         while c < NC:
+            n_tasks += 1
             _combine_task(c, sync_ptr, status_addr, out_ptr, ids_ptr, wts_ptr, slot_ptr, gstart_ptr, addend_ptr,
                           heap_rows, heap_words, T, H, me, seq, slab_elems, data1, sig1, limit,
                           USE_TIMER, E, EL, TOPK, HAS_ADDEND, E_PAD, K_PAD, BTC, BH)
@@ -769,3 +777,5 @@ def fused_moe_kernel(
         # The last program out hands the next launch its epoch (and so its half of `sync` and its sequence).
         if tl.atomic_add(half + _DONE, 1, sem="acq_rel", scope="gpu") == nprog - 1:
             tl.atomic_xchg(sync_ptr + _EPOCH, epoch + 1, sem="release", scope="gpu")
+    if PHASE == _ALL:
+        tl.store(claims_ptr + tl.program_id(0), n_tasks)
