@@ -98,52 +98,108 @@ _MASK32 = tl.constexpr(0xFFFFFFFF)
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _now(USE_TIMER: tl.constexpr):
-    """GPU: the global nanosecond timer. Interpreter (no inline asm): 0, and waits count iterations."""
+def _now(USE_TIMER: tl.constexpr, THREADS: tl.constexpr):
+    """GPU: the global nanosecond timer, the same value in every thread. Interpreter (no inline asm): 0, and waits
+    count iterations.
+
+    Every thread reads %globaltimer itself (inline asm is per thread) and the reads differ; a wait that exits on
+    them could let one warp leave while another spins on. The max over one read per thread (THREADS >= the
+    program's threads, so the reduction crosses every warp) comes back through shared memory: uniform."""
     if USE_TIMER:
-        t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
+        lanes = tl.zeros([THREADS], tl.int64)
+        t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,l", [lanes], dtype=tl.int64, is_pure=False,
                                       pack=1)
+        t = tl.max(t, 0)
     else:
         t = tl.full([], 0, tl.int64)
     return t
 
 
 @triton.jit
-def _wait_counter(ptr, target, sync_ptr, limit, USE_TIMER: tl.constexpr):
-    """Acquire-spin until the int32 at ptr is >= target. False on timeout (limit ns or iterations) or abort."""
+def _aborted(sync_ptr):
+    """The abort word (0: no failure), read by a scalar atomic: one thread reads, every thread gets its value (a
+    volatile load would be one read per thread, and threads could disagree)."""
+    return tl.atomic_add(sync_ptr + _ABORT, 0, sem="relaxed", scope="sys")
+
+
+@triton.jit
+def _pause(ns, USE_TIMER: tl.constexpr):
+    """GPU: sleep about `ns` nanoseconds between polls, so spinning programs leave the memory system to the
+    producers they wait for. Interpreter: nothing."""
+    if USE_TIMER:
+        tl.inline_asm_elementwise("nanosleep.u32 $1;\n\tmov.u32 $0, 0;", "=r,r", [ns], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
+def _spent(start, spent, USE_TIMER: tl.constexpr, THREADS: tl.constexpr):
+    """Time (ns, GPU) or polls (interpreter) since `start`; uniform across the program's threads."""
+    if USE_TIMER:
+        spent = _now(USE_TIMER, THREADS) - start
+    else:
+        spent += 1
+    return spent
+
+
+@triton.jit
+def _wait_counter(ptr, target, sync_ptr, limit, USE_TIMER: tl.constexpr, THREADS: tl.constexpr):
+    """Acquire-spin until the int32 at ptr is >= target. False on timeout (limit ns or iterations) or abort.
+    Every value the loop exits on is uniform (scalar atomics, the reduced timer): all warps leave together."""
     v = tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
-    start = _now(USE_TIMER)
+    start = _now(USE_TIMER, THREADS)
     spent = start * 0
-    stop = tl.load(sync_ptr + _ABORT, volatile=True)
+    stop = _aborted(sync_ptr)
+    ns = tl.full([], 32, tl.int32)
     while (v < target) & (spent < limit) & (stop == 0):
+        _pause(ns, USE_TIMER)
+        ns = tl.minimum(ns * 2, 1024)
         v = tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
-        stop = tl.load(sync_ptr + _ABORT, volatile=True)
-        if USE_TIMER:
-            spent = _now(USE_TIMER) - start
-        else:
-            spent += 1
+        stop = _aborted(sync_ptr)
+        spent = _spent(start, spent, USE_TIMER, THREADS)
     tl.debug_barrier()
     return v >= target
 
 
 @triton.jit
-def _wait_words(ptrs, ok, seq, sync_ptr, limit, USE_TIMER: tl.constexpr):
-    """Acquire-spin until every signal word at ptrs[ok] carries sequence `seq` (word >> 32).
-    Returns (all arrived, the words last seen)."""
-    w = tl.atomic_add(ptrs, 0, mask=ok, sem="acquire", scope="sys")
+def _poll_words(base, offs, ok, USE_TIMER: tl.constexpr):
+    """The int64 words at base[offs] where ok (0 elsewhere), each read with a load-acquire at system scope: plain loads, not
+    read-modify-write atomics, so polling programs do not compete with the producers for the lines they write.
+    Per thread: callers reduce what they decide on."""
+    if USE_TIMER:
+        safe = base + tl.where(ok, offs, 0)  # inline asm cannot be masked: masked lanes read word 0 instead
+        w = tl.inline_asm_elementwise("ld.acquire.sys.global.b64 $0, [$1];", "=l,l", [safe], dtype=tl.int64,
+                                      is_pure=False, pack=1)
+        w = tl.where(ok, w, 0)
+    else:
+        w = tl.load(base + offs, mask=ok, other=0, volatile=True)
+    return w
+
+
+@triton.jit
+def _wait_words(base, offs, ok, seq, sync_ptr, limit, USE_TIMER: tl.constexpr, THREADS: tl.constexpr):
+    """Acquire-spin until every signal word at base[offs] where ok carries sequence `seq` (word >> 32).
+    Returns (all arrived, the words seen).
+
+    The loop exits on a reduction (uniform), but the words themselves are loaded per thread, and a thread holding
+    a replica of a lane may have read it before the word arrived. Once every word has arrived it stays (its
+    writer's next word needs this launch to finish), so after a barrier one more read gives every thread the
+    arrived words."""
+    w = _poll_words(base, offs, ok, USE_TIMER)
     pending = tl.sum((ok & ((w >> 32) != seq)).to(tl.int32), 0)
-    start = _now(USE_TIMER)
+    start = _now(USE_TIMER, THREADS)
     spent = start * 0
-    stop = tl.load(sync_ptr + _ABORT, volatile=True)
+    stop = _aborted(sync_ptr)
+    ns = tl.full([], 32, tl.int32)
     while (pending > 0) & (spent < limit) & (stop == 0):
-        w = tl.atomic_add(ptrs, 0, mask=ok, sem="acquire", scope="sys")
+        _pause(ns, USE_TIMER)
+        ns = tl.minimum(ns * 2, 1024)
+        w = _poll_words(base, offs, ok, USE_TIMER)
         pending = tl.sum((ok & ((w >> 32) != seq)).to(tl.int32), 0)
-        stop = tl.load(sync_ptr + _ABORT, volatile=True)
-        if USE_TIMER:
-            spent = _now(USE_TIMER) - start
-        else:
-            spent += 1
+        stop = _aborted(sync_ptr)
+        spent = _spent(start, spent, USE_TIMER, THREADS)
     tl.debug_barrier()
+    if pending == 0:
+        w = _poll_words(base, offs, ok, USE_TIMER)
     return pending == 0, w
 
 
@@ -161,6 +217,23 @@ def _fail(sync_ptr, status_addr, code, me, peer, region, slot, expected, seen):
         tl.store(st + 5, expected)
         tl.store(st + 6, seen)
         tl.store(st, code)
+
+
+@triton.jit
+def slab_start(data, s, slab_elems):
+    """Element offset (int64) of slab s of the heap region whose first element is `data`: DISPATCH (data0) or
+    RETURN (data1), one slab per source / owner rank.
+
+    data, s and slab_elems arrive as int32 when below 2^31 (Triton types small Python ints so), and the product
+    and sum pass 2^31 at production sizes (8 ranks x 4096 tokens x k=8 x H=7168 in bf16: data1 + 2 * slab_elems
+    already does), so both are widened before any arithmetic."""
+    return data.to(tl.int64) + s.to(tl.int64) * slab_elems.to(tl.int64)
+
+
+@triton.jit
+def row_start(slab, row, H):
+    """Element offset (int64) of row `row` of a slab starting at element `slab` (rows of H elements)."""
+    return slab.to(tl.int64) + row.to(tl.int64) * H
 
 
 @triton.jit
@@ -369,7 +442,7 @@ def _dispatch_task(b, x_ptr, ids_ptr, order_ptr, slot_ptr, table_ptr, counts_ptr
         tl.load(table_ptr + b.to(tl.int64) * E + ex, mask=ex_ok, other=0)  # first sorted row of block b per expert
     own = tl.zeros((BT, E_PAD), tl.int32)  # earlier choices of the same token (caller routing may repeat one)
     c = tl.arange(0, BH)
-    stage = heap_rows + data0 + me * slab_elems
+    stage = heap_rows + slab_start(data0, me, slab_elems)
     for j in tl.static_range(TOPK):
         e_j = tl.sum(tl.where((kx == j)[None, :], ids, 0), 1)
         sel = ex[None, :] == e_j[:, None]
@@ -405,7 +478,8 @@ def _dispatch_task(b, x_ptr, ids_ptr, order_ptr, slot_ptr, table_ptr, counts_ptr
                     g0 = tl.sum(tl.where(ex == ge, gstart, 0), 0).to(tl.int64)
                     d0 = tl.sum(tl.where(ex == dst * EL, gstart, 0), 0).to(tl.int64)
                     _put_packet(heap_rows, heap_words, rows_delta_ptr, words_delta_ptr, heap_addr, dst,
-                                data0 + me * slab_elems + g0 * H, data0 + me * slab_elems + (g0 - d0) * H, n, H,
+                                row_start(slab_start(data0, me, slab_elems), g0, H),
+                                row_start(slab_start(data0, me, slab_elems), g0 - d0, H), n, H,
                                 idx, word, PUTS, ITEM, BR, BH)
 
 
@@ -413,13 +487,13 @@ def _dispatch_task(b, x_ptr, ids_ptr, order_ptr, slot_ptr, table_ptr, counts_ptr
 def _recv_task(s, sync_ptr, half, status_addr, stats_ptr, heap_words, words_delta_ptr, heap_addr,
                me, seq, slab_rows, sig0, sig1, limit,
                PUTS: tl.constexpr, USE_TIMER: tl.constexpr, W: tl.constexpr, E: tl.constexpr, EL: tl.constexpr,
-               ROW_BYTES: tl.constexpr, EL_PAD: tl.constexpr):
+               ROW_BYTES: tl.constexpr, EL_PAD: tl.constexpr, THREADS: tl.constexpr):
     """Wait for source s's DISPATCH signals (every packet, empty ones too), check the counts and copy them to
     RCOUNT, signal s's empty return packets, count the return bytes, mark s ready."""
-    routed = _wait_counter(half + _ROUTED, 1, sync_ptr, limit, USE_TIMER)  # stats are written before it
+    routed = _wait_counter(half + _ROUTED, 1, sync_ptr, limit, USE_TIMER, THREADS)  # stats are written before it
     ev = tl.arange(0, EL_PAD)
     e_ok = ev < EL
-    arrived, w = _wait_words(heap_words + sig0 + s * EL + ev, e_ok, seq, sync_ptr, limit, USE_TIMER)
+    arrived, w = _wait_words(heap_words + sig0 + s * EL, ev, e_ok, seq, sync_ptr, limit, USE_TIMER, THREADS)
     if arrived == 0:
         slot, seen = _first_missing(w, e_ok, seq, ev, EL_PAD)
         _fail(sync_ptr, status_addr, _ST_DISPATCH, me, s, 0, slot, seq, seen)
@@ -445,7 +519,8 @@ def _recv_task(s, sync_ptr, half, status_addr, stats_ptr, heap_words, words_delt
 
 @triton.jit
 def _decode(g, sync_ptr, half, me, limit,
-            USE_TIMER: tl.constexpr, W: tl.constexpr, EL: tl.constexpr, EL_PAD: tl.constexpr, BM: tl.constexpr):
+            USE_TIMER: tl.constexpr, W: tl.constexpr, EL: tl.constexpr, EL_PAD: tl.constexpr, BM: tl.constexpr,
+            THREADS: tl.constexpr):
     """Row tile g of the received packets -> (found, source, local expert, tile of the packet, packet rows,
     first slab row of the packet, first h row of the source). found = 0 past the last tile (every source
     decoded), -1 after an abort. Sources in the order me, me+1, ...: own rows first, available soonest."""
@@ -464,8 +539,8 @@ def _decode(g, sync_ptr, half, me, limit,
     for i in tl.static_range(W):
         s = (me + i) % W
         if found == 0:
-            ready = _wait_counter(half + _READY + s, 1, sync_ptr, limit, USE_TIMER)
-            if ready & (tl.load(sync_ptr + _ABORT, volatile=True) == 0):
+            ready = _wait_counter(half + _READY + s, 1, sync_ptr, limit, USE_TIMER, THREADS)
+            if ready & (_aborted(sync_ptr) == 0):
                 cnt = tl.load(half + _READY + W + 2 * (W * EL) + s * EL + ev, mask=e_ok, other=0)
                 tiles = (cnt + BM - 1) // BM
                 tot = tl.sum(tiles, 0)
@@ -510,7 +585,7 @@ def _gemm0_task(g, n_lo, n_hi, s, el, m, n_e, pst, hbase, half, x_ptr, order_ptr
         a_ptrs = x_ptr + tok[:, None] * H + offs_k[None, :]
     else:  # rows another rank put into this rank's receive slab
         srow = (pst + r_loc).to(tl.int64)
-        a_ptrs = heap_rows + data0 + s * slab_elems + srow[:, None] * H + offs_k[None, :]
+        a_ptrs = heap_rows + slab_start(data0, s, slab_elems) + srow[:, None] * H + offs_k[None, :]
     if GATED:
         n_up = 2 * INNER
     else:
@@ -560,9 +635,9 @@ def _gemm1_task(g, n_lo, n_hi, s, el, m, n_e, pst, hbase, half, heap_rows, heap_
         is_own = s == me
     srow = (pst + r_loc).to(tl.int64)
     if is_own:  # own tokens: straight into the own RETURN slab, where the combine reads them
-        base = data1 + me.to(tl.int64) * slab_elems
+        base = slab_start(data1, me, slab_elems)
     else:  # in place of the consumed input rows; sent back as one packet when complete
-        base = data0 + s.to(tl.int64) * slab_elems
+        base = slab_start(data0, s, slab_elems)
     a_ptrs = h_ptr + hrow[:, None] * INNER + offs_k[None, :]
     for n1 in range(n_lo, n_hi):
         cols = n1 * BN + tl.arange(0, BN)
@@ -584,7 +659,7 @@ def _gemm1_task(g, n_lo, n_hi, s, el, m, n_e, pst, hbase, half, heap_rows, heap_
             tl.atomic_xchg(heap_words + idx, word, sem="release", scope="sys")
         else:
             _put_packet(heap_rows, heap_words, rows_delta_ptr, words_delta_ptr, heap_addr, s,
-                        data0 + s * slab_elems + pst.to(tl.int64) * H, data1 + me * slab_elems + pst.to(tl.int64) * H,
+                        row_start(slab_start(data0, s, slab_elems), pst, H), row_start(slab_start(data1, me, slab_elems), pst, H),
                         n_e, H, idx, word, PUTS, ITEM, BR, BH)
 
 
@@ -593,12 +668,12 @@ def _combine_task(c, sync_ptr, status_addr, out_ptr, ids_ptr, wts_ptr, slot_ptr,
                   heap_words, T, H, me, seq, slab_elems, data1, sig1, limit,
                   USE_TIMER: tl.constexpr, E: tl.constexpr, EL: tl.constexpr, TOPK: tl.constexpr,
                   HAS_ADDEND: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr, BTC: tl.constexpr,
-                  BH: tl.constexpr):
+                  BH: tl.constexpr, THREADS: tl.constexpr):
     """out[t] = sum_j w_tj * y_tj (+ addend[t]) for tokens [c*BTC, c*BTC+BTC), in fp32 (fp64) and slot order,
     after every result packet of this launch has arrived (RETURN slot (o, e) is word o*E_local + e = e_global)."""
     ex = tl.arange(0, E_PAD)
     ex_ok = ex < E
-    arrived, w = _wait_words(heap_words + sig1 + ex, ex_ok, seq, sync_ptr, limit, USE_TIMER)
+    arrived, w = _wait_words(heap_words + sig1, ex, ex_ok, seq, sync_ptr, limit, USE_TIMER, THREADS)
     if arrived == 0:
         slot, seen = _first_missing(w, ex_ok, seq, ex, E_PAD)
         _fail(sync_ptr, status_addr, _ST_RETURN, me, slot // EL, 1, slot % EL, seq, seen)
@@ -611,7 +686,7 @@ def _combine_task(c, sync_ptr, status_addr, out_ptr, ids_ptr, wts_ptr, slot_ptr,
     slots = tl.load(slot_ptr + rows[:, None] * TOPK + kx[None, :], mask=k_mask, other=0)
     owner = ids // EL
     first = tl.load(gstart_ptr + owner * EL, mask=k_mask, other=0)  # first sorted row of my packets to owner
-    base = data1 + owner.to(tl.int64) * slab_elems + (slots - first).to(tl.int64) * H
+    base = row_start(slab_start(data1, owner, slab_elems), slots - first, H)
     acc_ty = tl.float64 if wts.dtype == tl.float64 else tl.float32
     cc = tl.arange(0, BH)
     for c0 in range(0, H, BH):
@@ -658,7 +733,7 @@ def fused_moe_kernel(
     # sizes and layout
     T, H, INNER, me, NB, NC, nprog, HALF, G_MAX, slab_rows, slab_elems, data0, data1, sig0, sig1, limit,
     scale_hi, scale_lo, lb_coef, z_coef,
-    PHASE: tl.constexpr, ROUTING: tl.constexpr, PUTS: tl.constexpr, USE_TIMER: tl.constexpr,
+    PHASE: tl.constexpr, ROUTING: tl.constexpr, PUTS: tl.constexpr, USE_TIMER: tl.constexpr, THREADS: tl.constexpr,
     E: tl.constexpr, EL: tl.constexpr, W: tl.constexpr, TOPK: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr, SAVE_PRE: tl.constexpr, NATIVE_DOT: tl.constexpr,
     GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr, SIGMOID: tl.constexpr, HAS_EBIAS: tl.constexpr,
@@ -704,7 +779,7 @@ def fused_moe_kernel(
         t = tl.atomic_add(half + _CLAIM + 1, 1)
         while t < NB:
             n_tasks += 1
-            if _wait_counter(half + _ROUTED, 1, sync_ptr, limit, USE_TIMER):
+            if _wait_counter(half + _ROUTED, 1, sync_ptr, limit, USE_TIMER, THREADS):
                 _dispatch_task(t, x_ptr, ids_ptr, order_ptr, slot_ptr, table_ptr, counts_ptr, gstart_ptr, half,
                                heap_rows, heap_words, rows_delta_ptr, words_delta_ptr, heap_addr,
                                T, H, me, seq, slab_elems, data0, sig0,
@@ -721,11 +796,11 @@ def fused_moe_kernel(
                 n_tasks += 1
                 _recv_task((me + c) % W, sync_ptr, half, status_addr, stats_ptr, heap_words, words_delta_ptr,
                            heap_addr, me, seq, slab_rows, sig0, sig1, limit,
-                           PUTS, USE_TIMER, W, E, EL, ROW_BYTES, EL_PAD)
+                           PUTS, USE_TIMER, W, E, EL, ROW_BYTES, EL_PAD, THREADS)
             else:
                 g = (c - W) // ng0
                 found, s, el, m, n_e, pst, hb = _decode(g, sync_ptr, half, me, limit,
-                                                        USE_TIMER, W, EL, EL_PAD, BM)
+                                                        USE_TIMER, W, EL, EL_PAD, BM, THREADS)
                 if found == 1:
                     n_tasks += 1
                     if g < G_MAX:
@@ -748,10 +823,10 @@ def fused_moe_kernel(
         while go:
             g = c // ng1
             found, s, el, m, n_e, pst, hb = _decode(g, sync_ptr, half, me, limit,
-                                                    USE_TIMER, W, EL, EL_PAD, BM)
+                                                    USE_TIMER, W, EL, EL_PAD, BM, THREADS)
             if found == 1:
                 n_tasks += 1
-                if _wait_counter(half + _READY + W + 3 * (W * EL) + g, nb0, sync_ptr, limit, USE_TIMER):
+                if _wait_counter(half + _READY + W + 3 * (W * EL) + g, nb0, sync_ptr, limit, USE_TIMER, THREADS):
                     n_lo = (c % ng1) * TN1
                     _gemm1_task(g, n_lo, tl.minimum(n_lo + TN1, nb1), s, el, m, n_e, pst, hb, half, heap_rows,
                                 heap_words, rows_delta_ptr, words_delta_ptr, heap_addr, h_ptr, w_down_ptr, b_down_ptr,
@@ -769,7 +844,7 @@ def fused_moe_kernel(
             n_tasks += 1
             _combine_task(c, sync_ptr, status_addr, out_ptr, ids_ptr, wts_ptr, slot_ptr, gstart_ptr, addend_ptr,
                           heap_rows, heap_words, T, H, me, seq, slab_elems, data1, sig1, limit,
-                          USE_TIMER, E, EL, TOPK, HAS_ADDEND, E_PAD, K_PAD, BTC, BH)
+                          USE_TIMER, E, EL, TOPK, HAS_ADDEND, E_PAD, K_PAD, BTC, BH, THREADS)
             c = tl.atomic_add(half + _CLAIM + 4, 1)
         if PUTS == "nvshmem":
             nvshmem.quiet()
