@@ -11,6 +11,9 @@
 | `FLASHMOE_FUSED_PUTS` | auto | how the fused kernel writes to peers: "ptr" (stores through peer-mapped |
 | | | addresses), "nvshmem" (device NVSHMEM put-with-signal calls; GPU only), "auto" (ptr where every peer is |
 | | | mapped, which the shm heap and a one-node NVSHMEM heap guarantee) |
+| `FLASHMOE_FUSED_SMS` | all | SMs (programs) the fused kernel's persistent grid takes; fewer leaves SMs free for |
+| | | NCCL kernels, another rank's kernel on the same GPU, or other MPS clients (ExpertParallel's `fused_sms=` |
+| | | overrides it per layer) |
 | `RANK`, `WORLD_SIZE`, `LOCAL_RANK` | - | set by torchrun; read by `flashmoe_py.dist.launch.init_process_group` |
 | `MASTER_ADDR`, `MASTER_PORT` | - | torchrun's rendezvous; under mpirun, used when set (multi-node) |
 | `OMPI_COMM_WORLD_RANK`, `OMPI_COMM_WORLD_SIZE`, `OMPI_COMM_WORLD_LOCAL_RANK` | - | set by Open MPI's mpirun |
@@ -68,6 +71,11 @@ def fused_puts() -> str:
     if value not in ("auto", "ptr", "nvshmem"):
         raise ValueError(f"environment variable FLASHMOE_FUSED_PUTS={value!r}: expected auto, ptr or nvshmem")
     return value
+
+
+def fused_sms() -> int | None:
+    """FLASHMOE_FUSED_SMS: programs of the fused kernel's persistent grid (None: one per SM)."""
+    return _positive("FLASHMOE_FUSED_SMS", None, int) if os.environ.get("FLASHMOE_FUSED_SMS") else None
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ from .routing import ExpertOrder, router_logits, routing_losses, scores_from_log
 
 _GATE_ACT = {"swiglu": ("silu", True), "geglu": ("gelu", True), "gelu": ("gelu", False), "relu": ("relu", False),
              "silu": ("silu", False)}
-ONE_SIDED = ("shm", "nvshmem")
+ONE_SIDED = ("shm", "nvshmem", "local")  # local: in-process ranks (dist/local.py)
 HANDLES_EXPERT_PARALLEL = True  # moe_forward(..., expert_parallel=ep) moves the rows itself (backends.py)
 INTERPRETER_SPIN_S = 2e-3  # seconds one spin iteration takes under the interpreter (waits count iterations)
 PROGRAMS_PER_SM = 1
@@ -130,11 +130,13 @@ class FusedState:
     tokens per forward (max_tokens_per_rank with expert parallelism)."""
 
     def __init__(self, cfg: MoEConfig, dtype: torch.dtype, device: torch.device, tokens_cap: int, timeout_s: float,
-                 heap=None, layout: HeapLayout | None = None, world: int = 1, rank: int = 0, meta: bool = False):
+                 heap=None, layout: HeapLayout | None = None, world: int = 1, rank: int = 0, meta: bool = False,
+                 programs: int | None = None):
         _, configs = _kernels()
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         self.world, self.rank, self.tokens_cap, self.timeout_s = world, rank, tokens_cap, float(timeout_s)
         self.heap, self.failed = heap, None
+        self.programs = programs  # persistent grid size (None: one program per SM; the interpreter's default)
         e, k, h = cfg.num_experts, cfg.top_k, cfg.hidden_size
         item = dtype.itemsize
         alloc = torch.device("meta") if meta else self.device
@@ -245,14 +247,16 @@ def _state(cfg: MoEConfig, dtype: torch.dtype, device: torch.device, ep, num_tok
             if ep.world_size == 1 and ep.transport not in ONE_SIDED:
                 states[key] = FusedState(cfg, dtype, device, ep.max_tokens_per_rank, ep.timeout_s)
                 return states[key]
-            if ep.transport == "shm":
+            if ep.transport == "local":
+                heap = ep.heap_view(dtype)
+            elif ep.transport == "shm":
                 from .dist.shm import ShmHeap
                 heap = ShmHeap(layout, ep.group)
             else:
                 from .dist.nvshmem import NvshmemHeap
                 heap = NvshmemHeap(layout, ep.group, device)
             states[key] = FusedState(cfg, dtype, device, ep.max_tokens_per_rank, ep.timeout_s, heap, layout,
-                                     ep.world_size, ep.rank)
+                                     ep.world_size, ep.rank, programs=getattr(ep, "fused_sms", None))
         return states[key]
     key = (device, dtype, cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.ffn_hidden_size)
     state = _LOCAL_STATES.get(key)
@@ -401,11 +405,12 @@ def _launch(state: FusedState, call: _Call) -> tuple[dict, int]:
     fused, _ = _kernels()
     target = _target(state.device)
     concurrent = target == "interpreter" and interpreter_threads.active()
+    wanted = state.programs or env.fused_sms()
     if target == "interpreter":
-        nprog = INTERPRETER_CONCURRENT_PROGRAMS if concurrent else INTERPRETER_PROGRAMS
+        nprog = (wanted or INTERPRETER_CONCURRENT_PROGRAMS) if concurrent else INTERPRETER_PROGRAMS
     else:
         sms = torch.cuda.get_device_properties(state.device).multi_processor_count
-        nprog = sms * PROGRAMS_PER_SM
+        nprog = min(wanted or sms, sms) * PROGRAMS_PER_SM
     puts = _puts(state)
     args, constexprs, warps, stages, _, res = _prepare(state, call, target, nprog, puts)
     options = dict(num_warps=warps, num_stages=stages)

@@ -11,6 +11,7 @@ real: each rank is a process spinning on its own shm segment while its peer's ke
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -21,13 +22,15 @@ import torch
 import torch.distributed as dist
 
 import flashmoe_py as fm
+from flashmoe_py import interpreter_threads
 from flashmoe_py.dist import ExchangeTimeout, ExpertParallel, HeapOverflow
 from tests.ep_worker import Ctx, _data, _reference
 from tests.tolerances import assert_close
 
 H, FFN, E = 24, 20, 8  # H: a full and a partial 16-wide reduction tile; FFN: a full and a partial column tile
 TIMEOUT_S = 30.0  # generous: the interpreter is slow, and a failing scenario makes its peer wait this long
-LAUNCHES = 5  # phases of one forward under the interpreter
+PHASED_LAUNCHES = 5  # phases of one forward under the plain interpreter
+MODE = {"concurrent": False}  # --concurrent: every launch is the one PHASE=ALL launch, its programs as threads
 SCENARIOS: dict = {}
 
 
@@ -66,7 +69,11 @@ def _train_step(ctx: Ctx, cfg, dtype, params, xs, gs) -> dict:
     with torch.no_grad():
         assert_close(layer(xs[r]), outs[r], dtype, f"rank {r} inference out")
     stats = layer.stats
-    assert stats.kernel_launches == LAUNCHES and stats.host_syncs == 0, stats
+    assert stats.kernel_launches == (1 if MODE["concurrent"] else PHASED_LAUNCHES), stats
+    assert stats.host_syncs == 0, stats
+    if MODE["concurrent"]:  # several programs took tasks: the protocol ran with programs racing, not one alone
+        busy = int((stats.tasks_per_program > 0).sum())
+        assert busy > 1, f"only {busy} program claimed tasks: {stats.tasks_per_program.tolist()}"
     ids = [fm.moe(x, params, cfg, backend="reference").routing.topk_ids for x in xs]
     expect = _min_bytes(ctx, cfg, ids, torch.empty((), dtype=dtype).element_size())
     assert int(stats.bytes_sent) == expect, f"bytes_sent {int(stats.bytes_sent)} != minimum {expect}"
@@ -263,12 +270,14 @@ def _rank_main(rank: int, args) -> None:
                             timeout=timedelta(seconds=120))
     torch.set_num_threads(1)
     names = args.scenarios.split(",") if args.scenarios else list(SCENARIOS)
+    MODE["concurrent"] = args.concurrent
     results = {}
     for name in names:
         ctx = Ctx(rank, args.world, "shm", args.seed)
         start = time.monotonic()
         try:
-            results[name] = {"ok": True, "info": SCENARIOS[name](ctx)}
+            with interpreter_threads.concurrent_programs() if args.concurrent else contextlib.nullcontext():
+                results[name] = {"ok": True, "info": SCENARIOS[name](ctx)}
         except Exception:
             results[name] = {"ok": False, "error": traceback.format_exc()}
         results[name]["seconds"] = round(time.monotonic() - start, 3)
@@ -286,6 +295,9 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--store", required=True, help="file for the gloo rendezvous (FileStore)")
     ap.add_argument("--scenarios", default="", help="comma-separated subset (default: all)")
+    ap.add_argument("--concurrent", action="store_true",
+                    help="run each forward as the one PHASE=ALL launch a GPU makes, its programs as concurrent threads "
+                         "(flashmoe_py.interpreter_threads); default: phase by phase")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("run with TRITON_INTERPRET=1: the fused kernel runs on CPU ranks only in the interpreter")

@@ -1,7 +1,12 @@
-"""The fused kernel with expert parallelism across 2 CPU ranks (DESIGN §6, §7.5): the shm heap, kernels under
-TRITON_INTERPRET=1 launched phase by phase, cross-rank waits real (each rank spins on its own shm segment while
-the peer's kernel puts into it). One launch of tests/fused_worker.py runs every scenario (starting ranks is the
-slow part); each scenario is reported as its own test. What they check is listed in tests/fused_worker.py:
+"""The fused kernel with expert parallelism across 2 and 4 CPU ranks (DESIGN §6, §7.5): the shm heap, kernels under
+TRITON_INTERPRET=1, cross-rank waits real (each rank spins on its own shm segment while the peer's kernel puts
+into it). Three launches of tests/fused_worker.py (starting ranks is the slow part), each scenario reported as its
+own test:
+  w2          2 ranks, every scenario, each forward the one PHASE=ALL launch a GPU makes, its programs running
+              as concurrent threads (flashmoe_py.interpreter_threads): what a GPU runs
+  w4          4 ranks, the same, on the scenarios that vary token counts and empty experts
+  w2-phases   2 ranks, phase by phase (five launches a forward): a peer that skips a forward, and one training
+              step, where the phase split is the only way programs of one rank cannot race What they check is listed in tests/fused_worker.py:
 forward (routing in the kernel) and backward equal the reference on all tokens, bytes_sent equal to the exact
 minimum, caller routing with everything sent to one rank and a rank without tokens, repeated forwards on one
 heap, bf16, a group of one rank, HeapOverflow and transport refusals, and a peer that skips a forward ->
@@ -25,17 +30,26 @@ from tests import fused_worker
 pytestmark = [pytest.mark.multiproc, pytest.mark.interpreter]
 
 REPO = Path(__file__).resolve().parent.parent
-WORLD = 2
 LAUNCH_TIMEOUT_S = 540
+# launch name -> (world size, concurrent programs, scenarios; None: all)
+LAUNCHES = {
+    "w2": (2, True, None),
+    "w4": (4, True, ("swiglu_bias_fp64", "all_to_rank0_and_empty", "repeated_forwards")),
+    "w2-phases": (2, False, ("swiglu_bias_fp64", "peer_skips_forward")),
+}
 _results: dict = {}
 
 
-def _launch(tmp: Path) -> dict:
+def _launch(tmp: Path, world: int, concurrent: bool, scenarios) -> dict:
     seed = int(os.environ.get("FLASHMOE_TEST_SEED", random.SystemRandom().randrange(2**31)))
     out = tmp / "fused"
     out.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "tests.fused_worker", "--world", str(WORLD), "--seed", str(seed), "--out", str(out),
+    cmd = [sys.executable, "-m", "tests.fused_worker", "--world", str(world), "--seed", str(seed), "--out", str(out),
            "--store", str(out / "store")]
+    if concurrent:
+        cmd.append("--concurrent")
+    if scenarios:
+        cmd += ["--scenarios", ",".join(scenarios)]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TRITON_INTERPRET="1",
                FLASHMOE_DEBUG_POISON="1")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -47,7 +61,7 @@ def _launch(tmp: Path) -> dict:
         log, _ = proc.communicate()
         return {"failure": f"launch timed out after {LAUNCH_TIMEOUT_S} s (seed={seed})\n{log[-4000:]}"}
     ranks = []
-    for r in range(WORLD):
+    for r in range(world):
         path = out / f"rank{r}.json"
         if not path.exists():
             return {"failure": f"rank {r} wrote no results, exit code {proc.returncode} (seed={seed})\n{log[-4000:]}"}
@@ -55,12 +69,16 @@ def _launch(tmp: Path) -> dict:
     return {"ranks": ranks, "seed": seed}
 
 
+CASES = [(launch, name) for launch, (_, _, names) in LAUNCHES.items() for name in (names or fused_worker.SCENARIOS)]
+
+
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
-@pytest.mark.parametrize("name", list(fused_worker.SCENARIOS))
-def test_fused_two_ranks(name, tmp_path_factory):
-    if "launch" not in _results:
-        _results["launch"] = _launch(tmp_path_factory.mktemp("fused"))
-    res = _results["launch"]
+@pytest.mark.parametrize("launch,name", CASES, ids=[f"{a}-{b}" for a, b in CASES])
+def test_fused_ranks(launch, name, tmp_path_factory):
+    world, concurrent, scenarios = LAUNCHES[launch]
+    if launch not in _results:
+        _results[launch] = _launch(tmp_path_factory.mktemp(f"fused-{launch}"), world, concurrent, scenarios)
+    res = _results[launch]
     assert "failure" not in res, res.get("failure")
     print(f"seed={res['seed']} (replay with FLASHMOE_TEST_SEED={res['seed']})")
     errors = []
@@ -71,4 +89,4 @@ def test_fused_two_ranks(name, tmp_path_factory):
             errors.append(f"--- rank {r}:\n{got['error']}")
         else:
             print(f"rank {r}: {got['seconds']} s {got['info']}")
-    assert not errors, f"{name} x{WORLD} (seed={res['seed']}):\n" + "\n".join(errors)
+    assert not errors, f"{name} x{world} (seed={res['seed']}):\n" + "\n".join(errors)

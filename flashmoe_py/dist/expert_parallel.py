@@ -28,7 +28,7 @@ class ExpertParallel:
     `run(region, send_rows, send_counts) -> ExchangeResult` moves packets."""
 
     def __init__(self, cfg: MoEConfig, process_group, transport: str = "auto", *, max_tokens_per_rank: int | None = None,
-                 timeout_s: float | None = None, device=None):
+                 timeout_s: float | None = None, device=None, fused_sms: int | None = None):
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("process_group: torch.distributed is not initialized (call "
                              "torch.distributed.init_process_group first, or use flashmoe_py.dist.init_process_group)")
@@ -47,6 +47,10 @@ class ExpertParallel:
         if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and math.isfinite(timeout)
                 and timeout > 0):
             raise ValueError(f"timeout_s: must be a finite number of seconds > 0, got {timeout!r}")
+        if fused_sms is not None and not (isinstance(fused_sms, int) and not isinstance(fused_sms, bool)
+                                          and fused_sms > 0):
+            raise ValueError(f"fused_sms: must be a positive int (SMs of the fused kernel's grid), got {fused_sms!r}")
+        self.fused_sms = fused_sms  # None: FLASHMOE_FUSED_SMS, else every SM
         self.config = cfg
         self.max_tokens_per_rank, self.timeout_s = max_tokens, float(timeout)
         self.num_local_experts = cfg.num_experts // self.world_size
