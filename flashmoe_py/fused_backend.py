@@ -384,7 +384,8 @@ def _prepare(state: FusedState, call: _Call, target: str, nprog: int, puts: str)
         data1=state.data[1], sig0=state.sig[0], sig1=state.sig[1], limit=limit, scale_hi=scale_hi,
         scale_lo=scale - scale_hi, lb_coef=float(cfg.aux_loss_coef), z_coef=float(cfg.z_loss_coef))
     constexprs = dict(
-        ROUTING=call.routing_mode, PUTS=puts, USE_TIMER=timer, THREADS=32 * warps, E=e, EL=el, W=w, TOPK=k, ACT=act, GATED=gated,
+        ROUTING=call.routing_mode, PUTS=puts, USE_TIMER=timer, THREADS=32 * warps, E=e, EL=el, W=w, TOPK=k, ACT=act,
+        GATED=gated,
         HAS_BIAS=p.b_up is not None, HAS_ADDEND=call.addend is not None, SAVE_PRE=call.save, NATIVE_DOT=native,
         GROUPS=cfg.num_expert_groups, TOPK_GROUPS=cfg.topk_groups, SIGMOID=cfg.score_func == "sigmoid",
         HAS_EBIAS=cfg.expert_bias and not given, RENORM=cfg.renormalize, ITEM=x.dtype.itemsize,
