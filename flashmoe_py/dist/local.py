@@ -127,10 +127,11 @@ class LocalRanks:
         if dtype not in self._heaps:
             self._heaps[dtype] = LocalHeap(self.ranks[0].layout_for(dtype), self.world, self.device)
 
-    def forward(self, xs: list, params: list) -> list:
+    def forward(self, xs: list, params: list, topk_ids: list | None = None, topk_weights: list | None = None) -> list:
         """xs[r] [T_r, H]: rank r's tokens; params[r]: rank r's parameters (its local experts' w_up [E/W, H, N_up]
-        etc., the replicated router). Returns each rank's MoEOutput, computed by the fused backend with every
-        rank's kernel running at the same time (no autograd)."""
+        etc., the replicated router); optional caller routing per rank (topk_ids[r] [T_r, k] int64 global expert
+        ids, topk_weights[r] [T_r, k] float). Returns each rank's MoEOutput, computed by the fused backend with
+        every rank's kernel running at the same time (no autograd)."""
         from .. import interpreter_threads
         from ..ops import moe
 
@@ -145,7 +146,9 @@ class LocalRanks:
 
         def run(r):
             with torch.no_grad():
-                results[r] = moe(xs[r], params[r], self.cfg, backend="fused", expert_parallel=self.ranks[r])
+                routing = {} if topk_ids is None else dict(topk_ids=topk_ids[r], topk_weights=topk_weights[r])
+                results[r] = moe(xs[r], params[r], self.cfg, backend="fused", expert_parallel=self.ranks[r],
+                                 **routing)
 
         if self.device.type == "cuda":
             streams = [torch.cuda.Stream(self.device) for _ in range(self.world)]
