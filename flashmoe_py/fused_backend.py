@@ -137,6 +137,10 @@ class FusedState:
         self.world, self.rank, self.tokens_cap, self.timeout_s = world, rank, tokens_cap, float(timeout_s)
         self.heap, self.failed = heap, None
         self.programs = programs  # persistent grid size (None: one program per SM; the interpreter's default)
+        self.captured = False  # used by a CUDA-graph capture: never freed behind its graph's back (_state)
+        self.group = None  # the ExpertParallel (W > 1): its first launch waits for every rank (first_launch)
+        self.variants: set = set()  # compiled kernel variants launched (and initialised) from this state
+        self.stream, self.last_done = None, None  # stream of the last launch, and an event after it (GPU)
         e, k, h = cfg.num_experts, cfg.top_k, cfg.hidden_size
         item = dtype.itemsize
         alloc = torch.device("meta") if meta else self.device
@@ -235,14 +239,40 @@ class FusedState:
         return f"rank {rank}: the fused kernel timed out waiting for {what} on its own rank (slot {slot}): a bug"
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether the current stream of `device` is capturing a CUDA graph (tests patch this on CPU)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _stream_key(device: torch.device):
+    """The stream forwards on `device` are launched on now (None on CPU; tests patch this)."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+
+
+_WARM_UP = "run one eager forward of this layer (same shapes and mode) before capturing"
+
+
 def _state(cfg: MoEConfig, dtype: torch.dtype, device: torch.device, ep, num_tokens: int) -> FusedState:
-    """The state for this call: on the ExpertParallel object (collective allocation on first use), or one per
-    (device, dtype, shape) shared by all single-device layers, grown (re-created) when T outgrows it."""
+    """The state for this call.
+
+    Expert parallel: one per ExpertParallel and dtype (collective allocation on first use, which cannot happen
+    during CUDA-graph capture).
+    One device: one per (device, dtype, shape, stream), shared by the single-device layers of that shape on that
+    stream (one stream's kernels run one after another, so they may share counters; two streams' may not), grown
+    (re-created) when T outgrows it. A capture uses the capture stream's state, else the newest state of that
+    shape (the one the warm-up forward made, on the stream the capture forked from), and marks it captured: a
+    captured state is never freed while the process lives (its graph may replay), not by growth and not by
+    release_states() unless asked."""
     device = torch.device(device)
+    capturing = _capturing(device)
     if ep is not None:
         key = ("fused", dtype, device)
         states = ep.backend_state
         if key not in states:
+            if capturing:
+                raise RuntimeError("backend='fused' with expert parallelism: the first forward allocates the "
+                                   "symmetric heap (collective) and initialises the kernel; that cannot happen "
+                                   f"during CUDA-graph capture: {_WARM_UP}")
             layout = ep.layout_for(dtype)
             if ep.world_size == 1 and ep.transport not in ONE_SIDED:
                 states[key] = FusedState(cfg, dtype, device, ep.max_tokens_per_rank, ep.timeout_s)
@@ -257,30 +287,49 @@ def _state(cfg: MoEConfig, dtype: torch.dtype, device: torch.device, ep, num_tok
                 heap = NvshmemHeap(layout, ep.group, device)
             states[key] = FusedState(cfg, dtype, device, ep.max_tokens_per_rank, ep.timeout_s, heap, layout,
                                      ep.world_size, ep.rank, programs=getattr(ep, "fused_sms", None))
-        return states[key]
-    key = (device, dtype, cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.ffn_hidden_size)
+            states[key].group = ep
+        state = states[key]
+        state.captured |= capturing
+        return state
+    shape = (device, dtype, cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.ffn_hidden_size)
+    key = shape + (_stream_key(device),)
     state = _LOCAL_STATES.get(key)
+    if capturing and state is None:
+        same_shape = [s for k, s in _LOCAL_STATES.items() if k[:len(shape)] == shape]
+        state = same_shape[-1] if same_shape else None
     if state is None or state.tokens_cap < num_tokens:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if capturing:
             raise RuntimeError(f"backend='fused': a forward of {num_tokens} tokens needs a larger persistent state "
-                               "than exists, and it cannot be allocated during CUDA-graph capture: run one eager "
-                               "forward with the largest token count first")
+                               f"than exists, and it cannot be allocated during CUDA-graph capture: {_WARM_UP}, "
+                               "with the largest token count the graph will see")
+        if state is not None and state.captured:
+            _CAPTURED.append(state)  # its graph may still replay: the new state must not reuse its memory
         cap = max(num_tokens, 2 * state.tokens_cap if state is not None else 1)
         state = FusedState(cfg, dtype, device, cap, env.ep_timeout_s())
         _LOCAL_STATES[key] = state
+    state.captured |= capturing
     return state
 
 
 _LOCAL_STATES: dict = {}
+_CAPTURED: list = []  # captured states replaced by a larger one: kept for their graphs' replays
 
 
-def release_states() -> int:
+def release_states(include_captured: bool = False) -> int:
     """Free the persistent state of single-device fused layers (heap, counters: about T*k*H elements for the
-    largest T seen, per device, dtype and shape); the next forward allocates it again. Returns how many states
-    were released. Expert-parallel states belong to their ExpertParallel and are freed by its close()."""
-    n = len(_LOCAL_STATES)
-    _LOCAL_STATES.clear()
-    return n
+    largest T seen, per device, dtype, shape and stream); the next forward allocates it again. A state a CUDA
+    graph captured stays (a replay would write freed memory) unless `include_captured`, which the caller may
+    pass once no such graph will replay. Returns how many states were released. Expert-parallel states belong
+    to their ExpertParallel and are freed by its close()."""
+    released = 0
+    for key, state in list(_LOCAL_STATES.items()):
+        if include_captured or not state.captured:
+            del _LOCAL_STATES[key]
+            released += 1
+    if include_captured:
+        released += len(_CAPTURED)
+        _CAPTURED.clear()
+    return released
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -401,14 +450,16 @@ def _prepare(state: FusedState, call: _Call, target: str, nprog: int, puts: str)
 _MODULES_READY: set = set()
 
 
-def _launch(state: FusedState, call: _Call) -> tuple[dict, int]:
-    """Run the kernel for `call`: one launch (GPU) or one per phase (interpreter). Returns (outputs, launches)."""
+def _launch(state: FusedState, call: _Call) -> tuple[dict, int, int]:
+    """Run the kernel for `call`: one launch (GPU, or the interpreter with concurrent programs) or one per phase
+    (plain interpreter). Returns (outputs, launches, host synchronisations)."""
     fused, _ = _kernels()
     target = _target(state.device)
     concurrent = target == "interpreter" and interpreter_threads.active()
     wanted = state.programs or env.fused_sms()
+    alone = target == "interpreter" and not concurrent and wanted == 1  # one program, PHASE=ALL: finishes alone
     if target == "interpreter":
-        nprog = (wanted or INTERPRETER_CONCURRENT_PROGRAMS) if concurrent else INTERPRETER_PROGRAMS
+        nprog = 1 if alone else (wanted or INTERPRETER_CONCURRENT_PROGRAMS) if concurrent else INTERPRETER_PROGRAMS
     else:
         sms = torch.cuda.get_device_properties(state.device).multi_processor_count
         nprog = min(wanted or sms, sms) * PROGRAMS_PER_SM
@@ -418,18 +469,52 @@ def _launch(state: FusedState, call: _Call) -> tuple[dict, int]:
     if puts == "nvshmem":
         options["extern_libs"] = _nvshmem_libs(target)
     kernel = fused.fused_moe_kernel
-    if concurrent:  # the programs run at once, as on a GPU: the one launch a GPU makes
-        kernel[(nprog,)](**args, PHASE=fused.PHASES["all"], **constexprs, **options)
-        return res, 1
+    syncs = _first_launch(state, kernel, target, nprog, puts, args, constexprs, options)
     if target == "interpreter":
-        for phase in ("route", "dispatch", "gemm0", "gemm1", "combine"):
+        phases = ("all",) if concurrent or alone else ("route", "dispatch", "gemm0", "gemm1", "combine")
+        for phase in phases:  # concurrent: the programs run at once, as on a GPU, so the one launch a GPU makes
             kernel[(nprog,)](**args, PHASE=fused.PHASES[phase], **constexprs, **options)
-        return res, 5
+        return res, len(phases), syncs
+    capturing = _capturing(state.device)
+    with torch.cuda.device(state.device):
+        stream = torch.cuda.current_stream(state.device)
+        if state.last_done is not None and state.stream != stream.cuda_stream and not capturing:
+            stream.wait_event(state.last_done)  # the state's counters are in use until that launch finishes
+        kernel[(nprog,)](**args, PHASE=fused.PHASES["all"], **constexprs, **options)
+        if not capturing:
+            state.last_done = state.last_done or torch.cuda.Event()
+            state.last_done.record(stream)
+            state.stream = stream.cuda_stream
+    return res, 1, syncs
+
+
+def _first_launch(state: FusedState, kernel, target, nprog, puts, args, constexprs, options) -> int:
+    """Once per compiled variant of the kernel per state: compile it and initialise its module (NVSHMEM) before
+    the launch, and on the state's first launch with peers wait for every rank (a barrier: one host sync, which
+    is returned). Ranks compile at different speeds (the NVSHMEM bitcode makes it slow), and a rank more than
+    timeout_s behind would make its peers' first launch time out."""
+    variant = (puts, nprog, tuple(sorted(constexprs.items())), tuple(sorted(options.items())))
+    if variant in state.variants:
+        return 0
+    if _capturing(state.device):
+        raise RuntimeError("backend='fused': this forward needs a kernel variant that was not compiled and "
+                           f"initialised yet, which cannot happen during CUDA-graph capture: {_WARM_UP}")
+    if target != "interpreter":
+        _compile_variant(state, kernel, nprog, puts, args, constexprs, options)
+    syncs = 0
+    if state.group is not None and not state.variants:
+        syncs = int(state.group.barrier())
+    state.variants.add(variant)
+    return syncs
+
+
+def _compile_variant(state: FusedState, kernel, nprog, puts, args, constexprs, options) -> None:
+    """GPU: compile the launch's kernel variant without launching it, and initialise its module for NVSHMEM."""
     with torch.cuda.device(state.device):
         if puts == "nvshmem":
             _init_nvshmem_module(kernel, nprog, args, constexprs, options)
-        kernel[(nprog,)](**args, PHASE=fused.PHASES["all"], **constexprs, **options)
-    return res, 1
+        else:
+            kernel.warmup(**args, PHASE=0, **constexprs, **options, grid=(nprog,))
 
 
 def _nvshmem_libs(target: str) -> tuple:
@@ -473,12 +558,12 @@ class _Run:
     def __init__(self, state: FusedState, cfg: MoEConfig, call: _Call, ep):
         self.state, self.cfg, self.call, self.ep = state, cfg, call, ep
         self.res: dict = {}
-        self.launches = 0
+        self.launches = self.host_syncs = 0
 
     def forward(self, save: bool) -> torch.Tensor:
         self.call.save = save and self.state.world == 1
         self.state.check()
-        self.res, self.launches = _launch(self.state, self.call)
+        self.res, self.launches, self.host_syncs = _launch(self.state, self.call)
         if self.state.device.type != "cuda":
             self.state.check()  # free on CPU: the launch has finished
         return self.res["out"]
@@ -591,13 +676,6 @@ def moe_forward(x2d: torch.Tensor, params: MoEParams, cfg: MoEConfig, routing: O
     if reason is not None:
         raise BackendUnavailable(f"backend='fused' cannot run this layer: {reason}")
     t, k, e = x2d.shape[0], cfg.top_k, cfg.num_experts
-    if ep is None and t == 0:
-        from . import reference  # nothing to launch; the reference handles the empty shapes
-
-        result = reference.moe_forward(x2d, params, cfg, routing)
-        result.out = result.out + x2d * 0
-        result.backend = "fused"
-        return result
     if ep is not None:
         ep.check_tokens(t)
     x2d = x2d.contiguous()
@@ -634,7 +712,7 @@ def moe_forward(x2d: torch.Tensor, params: MoEParams, cfg: MoEConfig, routing: O
     stats = MoEStats(tokens_per_expert=stats_t[:e], dropped=stats_t[e],
                      bytes_sent=stats_t[e + 1] if distributed else 0,
                      rows_per_peer=stats_t[e + 2:e + 2 + w] if distributed else None, kernel_launches=run.launches,
-                     host_syncs=0, tasks_per_program=res["claims"] if run.launches == 1 else None)
+                     host_syncs=run.host_syncs, tasks_per_program=res["claims"] if run.launches == 1 else None)
     if mode == "given":
         lb, z, aux = res["losses"][0], res["losses"][1], res["losses"][2]
         routing_out = routing

@@ -22,7 +22,7 @@ if not HAS_CUDA:
 pytest.importorskip("triton")
 
 import flashmoe_py as fm  # noqa: E402
-from flashmoe_py import fused_backend  # noqa: E402
+from flashmoe_py import fused_backend, interpreter_threads  # noqa: E402
 from flashmoe_py.routing import route  # noqa: E402
 from tests.helpers import compare_to_reference, random_inputs, random_params  # noqa: E402
 from tests.tolerances import assert_close  # noqa: E402
@@ -129,7 +129,7 @@ def test_all_tokens_to_one_expert_and_repeated_forwards(seed):
         got = fm.moe(x, params, cfg, backend="fused")
         assert_close(got.out, fm.moe(x, params, cfg, backend="reference").out, torch.float64, f"forward {i} T={t}")
         assert got.stats.tokens_per_expert.tolist() == [0, 0, 0, t, 0, 0]
-    state, = [s for k, s in fused_backend._LOCAL_STATES.items() if k[1:] == (torch.float64, 6, 1, 8, 6)]
+    state, = [s for k, s in fused_backend._LOCAL_STATES.items() if k[1:6] == (torch.float64, 6, 1, 8, 6)]
     assert state.tokens_cap >= 45 and int(state.sync[0]) == 4, "epoch should count the 4 launches since the growth"
 
 
@@ -178,6 +178,53 @@ def test_zero_tokens(seed):
     assert r.out.shape == (0, cfg.hidden_size) and r.backend == "fused"
     r.out.sum().backward()
     assert x.grad.shape == x.shape
+
+
+# ----- PHASE=ALL under the interpreter: the one launch a GPU makes -----
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's concurrent programs; on a GPU every test above is PHASE=ALL")
+@pytest.mark.parametrize("programs", [4, 6])
+def test_phase_all_with_concurrent_programs(programs, monkeypatch, seed):
+    # The programs of one PHASE=ALL launch run as threads at once (flashmoe_py.interpreter_threads), claiming
+    # route, dispatch, GEMM and combine tasks from the shared counters and waiting on each other's flags, as on a
+    # GPU. Token counts: 0, 1 (most experts empty), a few (some experts empty), several tiles; inference (routing
+    # in the kernel) and training (logits given, pre-activations saved, backward from them).
+    monkeypatch.setenv("FLASHMOE_FUSED_SMS", str(programs))
+    cfg = fm.MoEConfig(**CONFIGS["mixtral"], **LOSSES, bias=True)
+    busy = []
+    with interpreter_threads.concurrent_programs():
+        for t in (0, 1, 5, NUM_TOKENS):
+            params, x, upstream = _inputs(cfg, torch.float64, num_tokens=t)
+            with torch.no_grad():
+                got = fm.moe(x, params, cfg, backend="fused")
+            ref = fm.moe(x, params, cfg, backend="reference")
+            assert got.stats.kernel_launches == 1 and got.stats.tasks_per_program.shape == (programs,)
+            assert_close(got.out, ref.out, torch.float64, f"T={t} out")
+            assert_close(got.aux_loss, ref.aux_loss, torch.float64, f"T={t} aux_loss")
+            assert torch.equal(got.stats.tokens_per_expert, ref.stats.tokens_per_expert)
+            if 0 < t < cfg.num_experts // cfg.top_k:
+                assert int((got.stats.tokens_per_expert == 0).sum()) > 0  # empty experts were exercised
+            busy.append(int((got.stats.tasks_per_program > 0).sum()))
+        trained = compare_to_reference("fused", cfg, torch.float64, *_inputs(cfg, torch.float64), None)
+        assert trained.stats.kernel_launches == 1
+        busy.append(int((trained.stats.tasks_per_program > 0).sum()))
+    # Each launch had more than one program taking tasks: no program did everything alone.
+    assert min(busy) > 1, f"programs that claimed tasks per launch: {busy}"
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(HAS_CUDA, reason="the sequential interpreter; on a GPU every test above is PHASE=ALL")
+def test_phase_all_single_program_finishes_alone(monkeypatch, seed):
+    # The kernel's own claim: program 0 of a PHASE=ALL launch can do every task by itself, in task order, waiting
+    # only on flags it has set already. One program on the plain (sequential) interpreter shows it.
+    monkeypatch.setenv("FLASHMOE_FUSED_SMS", "1")
+    cfg = fm.MoEConfig(**CONFIGS["deepseek"], **LOSSES)
+    params, x, _ = _inputs(cfg, torch.float64)
+    with torch.no_grad():
+        got = fm.moe(x, params, cfg, backend="fused")
+    assert got.stats.kernel_launches == 1 and got.stats.tasks_per_program.tolist()[0] > 0
+    assert_close(got.out, fm.moe(x, params, cfg, backend="reference").out, torch.float64, "out")
 
 
 # ----- no kernel launches below: what the backend refuses, and why -----

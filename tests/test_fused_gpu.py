@@ -118,6 +118,52 @@ def test_cuda_graph_replay(seed):
         assert torch.equal(captured, eager), "graph replay differs from an eager forward on the same input"
 
 
+def test_graph_replays_after_state_growth_and_release(seed):
+    # The graph holds the pointers of the state it captured. An eager forward with more tokens on the same stream
+    # replaces that state, and release_states() drops the rest; the captured one must stay alive, so replays
+    # still equal eager forwards.
+    from flashmoe_py import fused_backend
+
+    cfg, layer = _layer()
+    static_x = torch.randn(TOKENS // 4, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.stream(side):
+        layer(static_x)
+        with torch.cuda.graph(graph, stream=side):
+            captured = layer(static_x)
+        layer(torch.randn(2 * TOKENS, cfg.hidden_size, device="cuda", dtype=torch.bfloat16))  # grows the state
+    torch.cuda.current_stream().wait_stream(side)
+    fused_backend.release_states()
+    for _ in range(2):
+        static_x.copy_(torch.randn_like(static_x))
+        graph.replay()
+        with torch.no_grad():
+            eager = layer(static_x)
+        torch.cuda.synchronize()
+        assert torch.equal(captured, eager), "replay after the captured state was replaced differs"
+
+
+def test_two_streams_of_one_shape_at_once(seed):
+    # Forwards of one shape on two streams at the same time: each stream has its own state (counters), so the
+    # two persistent kernels cannot corrupt each other.
+    cfg, layer = _layer()
+    xs = [torch.randn(TOKENS, cfg.hidden_size, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    with torch.no_grad():
+        want = [layer(x) for x in xs]
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    outs = [None, None]
+    for _ in range(3):
+        for i, (st, x) in enumerate(zip(streams, xs)):
+            st.wait_stream(torch.cuda.current_stream())
+            with torch.no_grad(), torch.cuda.stream(st):
+                outs[i] = layer(x)
+        torch.cuda.synchronize()
+        for got, ref in zip(outs, want):
+            assert torch.equal(got, ref), "a forward on a second stream changed the result"
+
+
 def test_world_size_one_on_the_nvshmem_heap(seed):
     # A one-rank process group with transport="nvshmem": the kernel's heap is an NVSHMEM symmetric tensor.
     import torch.distributed as dist

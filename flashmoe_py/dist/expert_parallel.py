@@ -64,6 +64,11 @@ class ExpertParallel:
         self.backend_state: dict = {}  # what a backend keeps per (dtype, device) here (the fused kernel's heap)
         self.last_bytes_sent = 0
 
+    def barrier(self) -> bool:
+        """Every rank of the group reaches this point before any leaves. True: the host waited (a sync)."""
+        dist.barrier(group=self.group)
+        return True
+
     def check_tokens(self, num_tokens: int) -> None:
         if num_tokens > self.max_tokens_per_rank:
             raise HeapOverflow(f"x: {num_tokens} tokens on rank {self.rank}, but the expert-parallel layer was built "

@@ -71,7 +71,7 @@ class LocalHeapView(SymmetricHeap):
 class LocalRank(ExpertParallel):
     """The ExpertParallel of one in-process rank (no process group: `transport` is "local")."""
 
-    def __init__(self, cfg: MoEConfig, world: int, rank: int, heaps: dict, *, max_tokens_per_rank: int,
+    def __init__(self, cfg: MoEConfig, world: int, rank: int, heaps: dict, barrier, *, max_tokens_per_rank: int,
                  timeout_s: float, device, sms: int | None):
         self.group = None
         self.world_size, self.rank = world, rank
@@ -88,6 +88,16 @@ class LocalRank(ExpertParallel):
         self.backend_state: dict = {}
         self.last_bytes_sent = 0
         self._heaps = heaps  # dtype -> LocalHeap, shared by the W ranks
+        self._barrier = barrier
+
+    def barrier(self) -> bool:
+        """CPU: the ranks are threads, and wait for each other (True: the host waited). GPU: one thread launches
+        every rank's kernel, each only after the previous one was compiled, so there is nothing to wait for (and
+        waiting would hang)."""
+        if self.device.type == "cuda":
+            return False
+        self._barrier.wait(timeout=self.timeout_s)
+        return True
 
     def heap_view(self, dtype: torch.dtype) -> LocalHeapView:
         return self._heaps[dtype].view(self.rank)
@@ -120,7 +130,8 @@ class LocalRanks:
         if sms is None and self.device.type == "cuda":
             sms = max(1, torch.cuda.get_device_properties(self.device).multi_processor_count // world)
         self._heaps: dict = {}
-        self.ranks = [LocalRank(cfg, world, r, self._heaps, max_tokens_per_rank=max_tokens_per_rank,
+        barrier = threading.Barrier(world)
+        self.ranks = [LocalRank(cfg, world, r, self._heaps, barrier, max_tokens_per_rank=max_tokens_per_rank,
                                 timeout_s=timeout_s, device=self.device, sms=sms) for r in range(world)]
 
     def _heap(self, dtype: torch.dtype) -> None:
