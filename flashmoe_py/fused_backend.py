@@ -499,8 +499,7 @@ def _first_launch(state: FusedState, kernel, target, nprog, puts, args, constexp
     if _capturing(state.device):
         raise RuntimeError("backend='fused': this forward needs a kernel variant that was not compiled and "
                            f"initialised yet, which cannot happen during CUDA-graph capture: {_WARM_UP}")
-    if target != "interpreter":
-        _compile_variant(state, kernel, nprog, puts, args, constexprs, options)
+    _compile_variant(state, target, kernel, nprog, puts, args, constexprs, options)
     syncs = 0
     if state.group is not None and not state.variants:
         syncs = int(state.group.barrier())
@@ -508,8 +507,11 @@ def _first_launch(state: FusedState, kernel, target, nprog, puts, args, constexp
     return syncs
 
 
-def _compile_variant(state: FusedState, kernel, nprog, puts, args, constexprs, options) -> None:
-    """GPU: compile the launch's kernel variant without launching it, and initialise its module for NVSHMEM."""
+def _compile_variant(state: FusedState, target: str, kernel, nprog, puts, args, constexprs, options) -> None:
+    """GPU: compile the launch's kernel variant without launching it, and initialise its module for NVSHMEM.
+    The interpreter compiles nothing."""
+    if target == "interpreter":
+        return
     with torch.cuda.device(state.device):
         if puts == "nvshmem":
             _init_nvshmem_module(kernel, nprog, args, constexprs, options)

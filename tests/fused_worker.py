@@ -17,12 +17,13 @@ import os
 import time
 import traceback
 from datetime import timedelta
+from unittest import mock
 
 import torch
 import torch.distributed as dist
 
 import flashmoe_py as fm
-from flashmoe_py import interpreter_threads
+from flashmoe_py import fused_backend, interpreter_threads
 from flashmoe_py.dist import ExchangeTimeout, ExpertParallel, HeapOverflow
 from tests.ep_worker import Ctx, _data, _reference
 from tests.tolerances import assert_close
@@ -70,7 +71,7 @@ def _train_step(ctx: Ctx, cfg, dtype, params, xs, gs) -> dict:
         assert_close(layer(xs[r]), outs[r], dtype, f"rank {r} inference out")
     stats = layer.stats
     assert stats.kernel_launches == (1 if MODE["concurrent"] else PHASED_LAUNCHES), stats
-    assert stats.host_syncs == 0, stats
+    assert stats.host_syncs == 1, stats  # the layer's first forward: the barrier before its first launch
     if MODE["concurrent"]:  # several programs took tasks: the protocol ran with programs racing, not one alone
         busy = int((stats.tasks_per_program > 0).sum())
         assert busy > 1, f"only {busy} program claimed tasks: {stats.tasks_per_program.tolist()}"
@@ -263,6 +264,35 @@ def peer_skips_forward(ctx: Ctx):
     else:
         raise AssertionError("a layer whose forward timed out accepted another forward")
     return {"elapsed_s": round(elapsed, 2)}
+
+
+@scenario
+def late_first_forward(ctx: Ctx):
+    # The last rank compiles the kernel (and initialises its module) far more slowly than the others, after the
+    # collective heap allocation: the first launch waits for every rank (a barrier, counted as the one host sync
+    # of that forward) instead of the early ranks' kernels timing out. Later forwards have no barrier.
+    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2)
+    timeout = 1.0
+    params, xs, _ = _data(ctx, cfg, torch.float64, [6, 5, 7, 4], 18)
+    layer = _layer(ctx, cfg, torch.float64, params, timeout_s=timeout)
+    ref = fm.moe(torch.cat(xs), params, cfg, backend="reference").out.split([x.shape[0] for x in xs])[ctx.rank]
+    compile_variant = fused_backend._compile_variant
+
+    def slow_compile(*args):
+        time.sleep(LATE_S)
+        return compile_variant(*args)
+
+    late = ctx.rank == ctx.world - 1
+    with mock.patch.object(fused_backend, "_compile_variant", slow_compile) if late else contextlib.nullcontext():
+        for it in range(2):
+            with torch.no_grad():
+                out = layer(xs[ctx.rank])
+            assert_close(out, ref, torch.float64, f"rank {ctx.rank} forward {it}")
+            assert layer.stats.host_syncs == (1 if it == 0 else 0), layer.stats
+    return {"late_s": LATE_S}
+
+
+LATE_S = 8.0  # far beyond the 1 s timeout: without the barrier the early ranks' first launch gives up
 
 
 def _rank_main(rank: int, args) -> None:

@@ -36,7 +36,7 @@ LAUNCH_TIMEOUT_S = 540
 LAUNCHES = {
     "w2": (2, True, None),
     "w4": (4, True, ("swiglu_bias_fp64", "all_to_rank0_and_empty", "repeated_forwards")),
-    "w2-phases": (2, False, ("swiglu_bias_fp64", "peer_skips_forward")),
+    "w2-phases": (2, False, ("swiglu_bias_fp64", "peer_skips_forward", "late_first_forward")),
 }
 _results: dict = {}
 

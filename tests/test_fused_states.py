@@ -110,7 +110,7 @@ def test_kernel_compiled_and_initialised_once_per_variant(monkeypatch, seed):
     _forward(5, params)
     state, = _states()
     calls = []
-    monkeypatch.setattr(fused_backend, "_compile_variant", lambda *a: calls.append(a[0]))
+    monkeypatch.setattr(fused_backend, "_compile_variant", lambda *a: calls.append(a[1]))
     consts = dict(A=1)
     for _ in range(3):
         assert fused_backend._first_launch(state, None, "sm_90", 132, "ptr", {}, consts, {}) == 0
