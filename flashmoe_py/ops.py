@@ -38,9 +38,9 @@ def moe(x: torch.Tensor, params, cfg: MoEConfig, *, backend: str = "auto", topk_
     check_params(params, cfg, x, num_local_experts=local_experts)
     name = backends.resolve(backend, x.device, cfg, expert_parallel)
     x2d = x.reshape(-1, cfg.hidden_size)
-    routing = None
+    routing, syncs = None, 0
     if topk_ids is not None or topk_weights is not None:
-        check_routing(topk_ids, topk_weights, x2d.shape[0], cfg, x)
+        syncs = check_routing(topk_ids, topk_weights, x2d.shape[0], cfg, x)
         ids = topk_ids.long()
         weights = topk_weights.to(compute_dtype(x))
         routing = Routing(ids, weights, capacity_mask(ids, weights, cfg))
@@ -52,4 +52,6 @@ def moe(x: torch.Tensor, params, cfg: MoEConfig, *, backend: str = "auto", topk_
     else:
         result = backends.forward_fn(name)(x2d, params, cfg, routing)
     result.out = result.out.view(x.shape)
+    if syncs and result.stats.host_syncs is not None:  # the routing check's read counts too
+        result.stats.host_syncs += syncs
     return result

@@ -64,8 +64,12 @@ def check_params(params: MoEParams, cfg: MoEConfig, x: torch.Tensor, num_local_e
         _check_tensor("params.shared_gate_weight", params.shared_gate_weight, (1, h), x, None)
 
 
-def check_routing(topk_ids, topk_weights, num_tokens: int, cfg: MoEConfig, x: torch.Tensor) -> None:
-    """Caller-supplied routing: ids [T, k] integer in [0, E), weights [T, k] floating, on x's device."""
+def check_routing(topk_ids, topk_weights, num_tokens: int, cfg: MoEConfig, x: torch.Tensor) -> int:
+    """Caller-supplied routing: ids [T, k] integer in [0, E), weights [T, k] floating, on x's device.
+
+    The range check reads the ids' smallest and largest value on the host: for ids on a GPU that is one host
+    synchronisation, which is returned (0 or 1) so the forward's stats count it. An out-of-range id would index
+    past the expert weights in every backend, so the check is not optional."""
     if (topk_ids is None) != (topk_weights is None):
         raise ValueError("topk_ids and topk_weights: give both or neither")
     want = (num_tokens, cfg.top_k)
@@ -79,8 +83,10 @@ def check_routing(topk_ids, topk_weights, num_tokens: int, cfg: MoEConfig, x: to
             raise TypeError(f"{name}: expected {kind} dtype, got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{name}: on {t.device} but x is on {x.device}")
-    if topk_ids.numel():
-        lo, hi = int(topk_ids.min()), int(topk_ids.max())
-        if lo < 0 or hi >= cfg.num_experts:
-            raise ValueError(f"topk_ids: expert ids must lie in [0, num_experts={cfg.num_experts}), "
-                             f"got values in [{lo}, {hi}]")
+    if not topk_ids.numel():
+        return 0
+    lo, hi = torch.stack(torch.aminmax(topk_ids)).tolist()  # one read of both: one sync on a GPU
+    if lo < 0 or hi >= cfg.num_experts:
+        raise ValueError(f"topk_ids: expert ids must lie in [0, num_experts={cfg.num_experts}), "
+                         f"got values in [{lo}, {hi}]")
+    return 1 if topk_ids.device.type == "cuda" else 0

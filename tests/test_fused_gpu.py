@@ -95,6 +95,24 @@ def test_no_host_sync_in_forward_and_backward(seed):
     assert layer.last_output.backend == "fused"
 
 
+def test_caller_routing_check_is_one_counted_sync(seed):
+    # Caller ids are range-checked on the host: one synchronisation, and the stats say so.
+    cfg, layer = _layer()
+    x = torch.randn(TOKENS, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    ids = torch.stack([torch.randperm(cfg.num_experts, device="cuda")[:cfg.top_k] for _ in range(TOKENS)])
+    w = torch.rand(TOKENS, cfg.top_k, device="cuda")
+    with torch.no_grad():
+        layer(x, topk_ids=ids, topk_weights=w)
+        assert layer.stats.host_syncs == 1
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with pytest.raises(RuntimeError, match="synchroniz"):
+                layer(x, topk_ids=ids, topk_weights=w)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 def test_cuda_graph_replay(seed):
     # The kernel keeps its epoch, counters and sequence numbers on the device: a captured forward replays
     # with new inputs, bit for bit what an eager forward gives (the sums run in a fixed order).

@@ -137,6 +137,31 @@ def test_caller_routing_checked(setup):
         fm.moe(x, p, cfg, topk_ids=ids.clamp(max=5))
 
 
+def test_caller_routing_check_is_counted_as_a_host_sync(setup, monkeypatch):
+    # The range check of caller ids reads them on the host: one read (min and max together), a sync when the ids
+    # live on a GPU. The forward's stats must count it: a backend that syncs nowhere else reports exactly 1.
+    from flashmoe_py import ops, validation
+
+    cfg, p = setup
+    x = torch.randn(4, 16)
+    ids, w = torch.tensor([[0, 1], [2, 3], [4, 5], [0, 5]]), torch.rand(4, 2)
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.device) or tolist(t))
+    assert validation.check_routing(ids, w, 4, cfg, x) == 0 and len(reads) == 1  # CPU ids: a read, no sync
+    monkeypatch.setattr(ops, "check_routing", lambda *a: 1)  # as for ids on a GPU
+    reference = ops.backends.forward_fn("reference")
+
+    def counting_backend(*args, **kw):  # a backend that counts its syncs (the reference counts none: None)
+        result = reference(*args, **kw)
+        result.stats.host_syncs = 0
+        return result
+
+    monkeypatch.setattr(ops.backends, "forward_fn", lambda name: counting_backend)
+    assert fm.moe(x, p, cfg, backend="reference").stats.host_syncs == 0
+    assert fm.moe(x, p, cfg, backend="reference", topk_ids=ids, topk_weights=w).stats.host_syncs == 1
+
+
 def test_zero_tokens_and_inf(setup):
     cfg, p = setup
     assert fm.moe(torch.randn(0, 16), p, cfg).out.shape == (0, 16)
