@@ -4,6 +4,7 @@ one rank putting to itself."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -132,6 +133,38 @@ def test_native_signal_release_then_acquire_and_timeout():
         c.wait_signals(addr, 4, 0, 1.0)
     with pytest.raises(RuntimeError, match="not 8-byte aligned"):
         c.store_release(addr + 4, torch.tensor([1]))
+
+
+def test_nvshmem_is_finalised_once_at_exit_after_freeing_live_heaps(monkeypatch):
+    # _finalize is what atexit runs once NVSHMEM was initialised: live symmetric tensors first, then finalize,
+    # exactly once; never raising (the process is exiting). A stand-in nvshmem.core records the calls.
+    import types
+
+    import flashmoe_py.dist.nvshmem as nv
+
+    calls = []
+    fake_core = types.SimpleNamespace(finalize=lambda: calls.append("finalize"))
+    monkeypatch.setitem(sys.modules, "nvshmem", types.ModuleType("nvshmem"))
+    monkeypatch.setitem(sys.modules, "nvshmem.core", fake_core)
+    sys.modules["nvshmem"].core = fake_core
+
+    class Heap:
+        def close(self):
+            calls.append("close")
+            nv._live_heaps.discard(self)
+
+    heap = Heap()
+    nv._live_heaps.add(heap)
+    monkeypatch.setattr(nv, "_runtime", {"initialized": False, "finalized": False})
+    nv._finalize()
+    assert calls == [], "finalize without an init"
+    nv._runtime["initialized"] = True
+    nv._finalize()
+    nv._finalize()
+    assert calls == ["close", "finalize"]
+    fake_core.finalize = lambda: 1 / 0
+    nv._runtime["finalized"] = False
+    nv._finalize()  # reports, does not raise
 
 
 def test_nvshmem_transport_imports_and_says_it_needs_cuda_on_cpu():

@@ -16,12 +16,16 @@ Primitives (host-driven, like protocol.py on the CPU heaps):
 Limits of this version, stated plainly: the host reads the per-peer counts to size the copies, so each
 exchange synchronises the host once (DESIGN §5.4 is met by the fused kernel, which puts rows and signals
 from the device into this same layout); peers must be reachable by peer pointers (one NVLink node).
-Nothing here runs at import time; selecting it without CUDA says "needs CUDA".
+Nothing here runs at import time; selecting it without CUDA says "needs CUDA". NVSHMEM, once initialised, is
+finalised at process exit (atexit), after the heaps still alive are freed.
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
+import sys
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -30,7 +34,8 @@ from .. import env
 from .heap import SymmetricHeap, TransportUnavailable
 from .layout import HeapLayout
 
-_runtime = {"initialized": False}
+_runtime = {"initialized": False, "finalized": False}
+_live_heaps: "weakref.WeakSet" = weakref.WeakSet()  # heaps still holding symmetric memory, freed before finalize
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -68,6 +73,24 @@ def _init_runtime(group, device: torch.device) -> None:
         dist.broadcast_object_list(uid, src=src, group=group)
         nvshmem.init(device=dev, uid=uid[0], rank=rank, nranks=dist.get_world_size(group), initializer_method="uid")
     _runtime["initialized"] = True
+    atexit.register(_finalize)
+
+
+def _finalize() -> None:
+    """At process exit (once NVSHMEM was initialised here): free the symmetric tensors still alive, then
+    finalise NVSHMEM, so its proxy thread and bootstrap end cleanly instead of being torn down mid-flight (which
+    can hang the exit or leave peers waiting). Errors are reported, not raised: the process is exiting."""
+    if not _runtime["initialized"] or _runtime["finalized"]:
+        return
+    _runtime["finalized"] = True
+    try:
+        import nvshmem.core as nvshmem
+
+        for heap in list(_live_heaps):
+            heap.close()
+        nvshmem.finalize()
+    except Exception as err:  # noqa: BLE001 - at exit there is no caller to raise to
+        print(f"flashmoe_py: NVSHMEM finalize at exit failed: {err!r}", file=sys.stderr)
 
 
 class NvshmemHeap(SymmetricHeap):
@@ -95,6 +118,7 @@ class NvshmemHeap(SymmetricHeap):
                                            f"rank {self.rank}; this version needs all ranks on one NVLink node")
             self._peers.append(peer)
         self._addresses = [p.data_ptr() for p in self._peers]
+        _live_heaps.add(self)
         torch.cuda.synchronize(device)
         dist.barrier(group=group)  # every segment is zeroed before any rank signals into it
 
@@ -122,3 +146,4 @@ class NvshmemHeap(SymmetricHeap):
             self._peers, self._addresses = [], []
             self._nvshmem.free_tensor(self._tensor)
             self._tensor = None
+        _live_heaps.discard(self)
