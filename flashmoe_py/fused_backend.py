@@ -340,6 +340,7 @@ def release_states(include_captured: bool = False) -> int:
 class _Call:
     """The tensors and switches of one forward's kernel launch."""
 
+    cfg: MoEConfig  # the calling layer's (the state's own is only its shape's)
     x: torch.Tensor
     route_in: Optional[torch.Tensor]  # logits [T, E] ("logits"), weights [T, k] ("given"), None ("compute")
     ids: Optional[torch.Tensor]  # given routing: [T, k] int64
@@ -374,7 +375,9 @@ def _puts(state: FusedState) -> str:
 def _prepare(state: FusedState, call: _Call, target: str, nprog: int, puts: str):
     """(args, constexprs, num_warps, num_stages, outputs) of the launch for `call`."""
     fused, configs = _kernels()
-    cfg, x, p = state.cfg, call.x, call.params
+    # The call's config, not the state's: a state is shared by every layer of its shape, whatever their
+    # activation, routing options and loss coefficients.
+    cfg, x, p = call.cfg, call.x, call.params
     t, hidden = x.shape
     k, e, inner, w = cfg.top_k, cfg.num_experts, cfg.ffn_hidden_size, state.world
     el = e // w
@@ -700,7 +703,8 @@ def moe_forward(x2d: torch.Tensor, params: MoEParams, cfg: MoEConfig, routing: O
         from .reference import shared_expert  # plain PyTorch matmuls (DESIGN §4 allows it)
 
         addend = shared_expert(x2d, params, cfg)
-    call = _Call(x2d, route_in if mode != "logits" else logits_pt.detach().contiguous(), ids, addend, p, mode, False)
+    call = _Call(cfg, x2d, route_in if mode != "logits" else logits_pt.detach().contiguous(), ids, addend, p, mode,
+                 False)
     run = _Run(state, cfg, call, ep)
     if _wants_grad(x2d, route_in, addend, *expert_tensors):
         out = _FusedFunction.apply(x2d, route_in, addend, *expert_tensors, run)
@@ -764,7 +768,7 @@ def plan_launches(cfg: MoEConfig, dtype: torch.dtype, num_tokens: int, target: s
                 "given": torch.empty(num_tokens, k, dtype=acc, device=meta)}[routing_mode]
     ids = torch.empty(num_tokens, k, dtype=torch.int64, device=meta) if routing_mode == "given" else None
     addend = torch.empty(num_tokens, hidden, dtype=acc, device=meta) if cfg.num_shared_experts else None
-    call = _Call(x, route_in, ids, addend, p, routing_mode, save and world == 1)
+    call = _Call(cfg, x, route_in, ids, addend, p, routing_mode, save and world == 1)
     saved, _PLANNING = _PLANNING, True
     try:
         args, constexprs, warps, stages, tags, _ = _prepare(state, call, target, 132, puts)

@@ -170,6 +170,24 @@ def test_nan_token_stays_in_its_row(seed):
 
 
 @pytest.mark.interpreter
+def test_layers_of_one_shape_share_the_state_not_the_config(seed):
+    # One persistent state serves every layer of a shape (E, k, H, I), but each launch takes its own layer's
+    # activation, score function, scaling and loss coefficients (a state once carried its first layer's).
+    shape = dict(hidden_size=16, ffn_hidden_size=12, num_experts=6, top_k=2)
+    first = fm.MoEConfig(**shape)
+    second = fm.MoEConfig(**shape, activation="geglu", score_func="sigmoid", routed_scaling_factor=1.5,
+                          aux_loss_coef=0.1, z_loss_coef=0.01)
+    for cfg in (first, second, first):
+        params, x, _ = _inputs(cfg, torch.float64, num_tokens=11)
+        with torch.no_grad():
+            got = fm.moe(x, params, cfg, backend="fused")
+        ref = fm.moe(x, params, cfg, backend="reference")
+        assert_close(got.out, ref.out, torch.float64, f"{cfg.activation} out")
+        assert_close(got.aux_loss, ref.aux_loss, torch.float64, f"{cfg.activation} aux_loss")
+    assert len([k for k in fused_backend._LOCAL_STATES if k[1:6] == (torch.float64, 6, 2, 16, 12)]) == 1
+
+
+@pytest.mark.interpreter
 def test_zero_tokens(seed):
     cfg = fm.MoEConfig(**CONFIGS["mixtral"])
     params, _, _ = _inputs(cfg, torch.float32)
