@@ -162,8 +162,9 @@ def _wait_counter(ptr, target, sync_ptr, limit, USE_TIMER: tl.constexpr, THREADS
 
 @triton.jit
 def _poll_words(base, offs, ok, USE_TIMER: tl.constexpr):
-    """The int64 words at base[offs] where ok (0 elsewhere), each read with a load-acquire at system scope: plain loads, not
-    read-modify-write atomics, so polling programs do not compete with the producers for the lines they write.
+    """The int64 words at base[offs] where ok (0 elsewhere), each read with a load-acquire at system scope: plain
+    loads, not read-modify-write atomics, so polling programs do not compete with the producers for the lines
+    they write.
     Per thread: callers reduce what they decide on."""
     if USE_TIMER:
         safe = base + tl.where(ok, offs, 0)  # inline asm cannot be masked: masked lanes read word 0 instead
@@ -659,8 +660,8 @@ def _gemm1_task(g, n_lo, n_hi, s, el, m, n_e, pst, hbase, half, heap_rows, heap_
             tl.atomic_xchg(heap_words + idx, word, sem="release", scope="sys")
         else:
             _put_packet(heap_rows, heap_words, rows_delta_ptr, words_delta_ptr, heap_addr, s,
-                        row_start(slab_start(data0, s, slab_elems), pst, H), row_start(slab_start(data1, me, slab_elems), pst, H),
-                        n_e, H, idx, word, PUTS, ITEM, BR, BH)
+                        row_start(slab_start(data0, s, slab_elems), pst, H),
+                        row_start(slab_start(data1, me, slab_elems), pst, H), n_e, H, idx, word, PUTS, ITEM, BR, BH)
 
 
 @triton.jit
