@@ -8,7 +8,13 @@
 # `make compile-check` compiles every Triton kernel for sm_90 and sm_80 without a GPU (part of `make test`);
 # `make test-triton-oldest` runs the compile gate and the Triton tests again on Triton 3.6, the oldest we support
 # (the GPU image's), in .venv-triton-oldest; CI runs it after `make test`.
-# `make gpu-check` is for a GPU machine with torch + triton preinstalled and no network: gpu tests + benchmark.
+# `make gpu-check` is for one GPU machine with torch + Triton preinstalled and maybe no package registry (e.g. the
+# lent H100/H200): .venv-gpu on the machine's own packages plus the wheels carried in .whl/ (`make gpu-wheels`
+# fetches nvshmem4py there), then flashmoe_py/gpu_check.py: device and versions, the gpu tests, PHASE=ALL at world
+# size 1, two in-process ranks, compute-sanitizer memcheck + synccheck, the benchmark's GPU shapes; at most 8
+# minutes with the install, each step timed, records in bench/results/gpu-check-<date>-* (and <= 8 files in $OUT).
+# `make gpu-check-dry` rehearses it here (DRY=1, the .venv's python as PYTHON): lists the steps, runs what needs no
+# GPU, records in build/gpu-check.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,11 +26,19 @@ EXTRA_PINS ?=
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install test bench lint clean compile-check gpu-check gpu-check-run test-triton-oldest triton-oldest-run
+.PHONY: install test bench lint clean compile-check gpu-check gpu-check-run gpu-check-dry gpu-install gpu-wheels \
+	test-triton-oldest triton-oldest-run
 
+# --system-site-packages shows the packages of the base interpreter only; when $(PYTHON) is itself a venv (the GPU
+# image's python3 is), a .pth in the new venv adds that venv's site-packages too. A Python without ensurepip
+# gets a venv without pip, which then runs the pip of those packages. Without ninja, torch builds _C the slow way.
 $(INSTALLED): pyproject.toml setup.py $(wildcard csrc/*)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
-	$(PY) -m pip install -q $(PIP_DEPS) setuptools wheel ninja
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_ARGS) $(VENV) || { rm -rf $(VENV); $(PYTHON) -m venv --without-pip $(VENV_ARGS) $(VENV); }
+	$(if $(findstring --system-site-packages,$(VENV_ARGS)),$(PYTHON) -c 'import site; print("import site; " + \
+		"; ".join("site.addsitedir(%r)" % p for p in site.getsitepackages()))' \
+		> "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/_flashmoe_parent_site.pth")
+	$(PY) -m pip install -q $(PIP_DEPS) setuptools wheel
+	$(PY) -m pip install -q $(PIP_DEPS) ninja || echo "no ninja: torch's cpp_extension builds _C without it (slower)"
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q $(PIP_DEPS) --no-build-isolation -e ".[$(EXTRAS)]" $(EXTRA_PINS)
 	touch $@
@@ -51,20 +65,52 @@ triton-oldest-run: $(INSTALLED) compile-check
 	$(PY) -m pytest -q -W "ignore:Conversion of an array with ndim:DeprecationWarning" \
 		tests/test_triton_backend.py tests/test_fused.py tests/test_fused_ep.py
 
-RESULTS := bench/results/gpu-check-$(shell date +%Y%m%d-%H%M%S)
-gpu-check:
-	$(MAKE) VENV=.venv-gpu VENV_ARGS=--system-site-packages PIP_DEPS=--no-deps gpu-check-run
+# gpu-check: the install part is timed and recorded too (it counts towards the 8 minutes, and is what fails first
+# without a registry), then gpu-check-run; when the install failed, the device is still recorded.
+GPU_STAMP := $(shell date +%Y%m%d-%H%M%S)
+GPU_RESULTS ?= $(if $(DRY),build/gpu-check,bench/results)
+# The dry run's venv is its own: built without _C, it must never pass for a real one on a GPU machine.
+GPU_VENV := VENV=.venv-gpu$(if $(DRY),-dry) VENV_ARGS=--system-site-packages PIP_DEPS=--no-deps
+WHEELS ?= .whl
+# No registry there: pip must fail at once rather than retry the network; carried wheels come from $(WHEELS).
+GPU_PIP_ENV ?= PIP_NO_INDEX=1 PIP_FIND_LINKS=$(abspath $(WHEELS))
+# _C's CUDA part for the H100/H200 only (one nvcc pass); the dry run builds no _C: the tree's _C*.so, loaded by
+# the other venvs' tests here, would be rewritten in place.
+GPU_BUILD_ENV ?= $(if $(DRY),FLASHMOE_SKIP_EXT=1,FLASHMOE_CUDA_ARCHS=90a)
+# A hung pip or nvcc must not take the whole 8 minutes; a slow one shortens the last steps (gpu_check's deadline).
+GPU_INSTALL_LIMIT ?= 150
+GPU_LOG = $(GPU_RESULTS)/gpu-check-$(GPU_STAMP)-install.txt
+GPU_CHECK_ARGS ?= --stamp $(GPU_STAMP) --results $(GPU_RESULTS) $(if $(DRY),--dry-run)
 
-# The interpreter-marked tests run natively on the GPU there; the benchmark runs even if a test fails,
-# and the target fails if either did. Everything lands in bench/results/gpu-check-<date>-*.
+gpu-check:
+	@mkdir -p $(GPU_RESULTS); t0=$$(date +%s); echo "gpu-check: venv + install (log $(GPU_LOG))"; \
+	$(GPU_PIP_ENV) $(GPU_BUILD_ENV) timeout $(GPU_INSTALL_LIMIT) $(MAKE) --no-print-directory $(GPU_VENV) \
+		gpu-install > $(GPU_LOG) 2>&1; rc=$$?; \
+	args="$(GPU_CHECK_ARGS) --started-at $$t0 --install-rc $$rc --install-log $(GPU_LOG)"; \
+	if [ $$rc -eq 0 ]; then $(MAKE) --no-print-directory $(GPU_VENV) GPU_CHECK_ARGS="$$args" gpu-check-run; \
+	else $(PYTHON) flashmoe_py/gpu_check.py $$args; exit 1; fi
+
+# A carried wheel that does not install (another Python) is reported, not fatal: the steps that need it fail.
+gpu-install: $(INSTALLED)
+	@$(if $(wildcard $(WHEELS)/*.whl),,echo "no wheels in $(WHEELS)/: the nvshmem tests need nvshmem4py \
+		(make gpu-wheels; README: GPU check)")
+	@for w in $(wildcard $(WHEELS)/*.whl); do $(PY) -m pip install -q --no-index --no-deps "$$w" \
+		&& echo "installed $$w" || echo "could not install $$w (built for another Python or platform?)"; done
+
 gpu-check-run: $(INSTALLED)
-	mkdir -p bench/results
-	$(PY) -c "import torch, triton; print(torch.cuda.get_device_name(), '| torch', torch.__version__, \
-		'| triton', triton.__version__)" > $(RESULTS)-device.txt
-	cat $(RESULTS)-device.txt
-	$(PY) -m pytest -q -m "gpu or interpreter" > $(RESULTS)-tests.txt 2>&1; s=$$?; cat $(RESULTS)-tests.txt; \
-	$(BENCH) $(BENCH_ARGS) > $(RESULTS)-bench.txt 2>&1; b=$$?; cat $(RESULTS)-bench.txt; \
-	test $$s -eq 0 && test $$b -eq 0
+	$(PY) -m flashmoe_py.gpu_check $(GPU_CHECK_ARGS)
+
+gpu-check-dry: $(INSTALLED)
+	$(MAKE) --no-print-directory DRY=1 PYTHON=$(abspath $(PY)) gpu-check
+
+# Here, with a registry: the wheels that gpu-check needs on the GPU image (Python 3.12, x86-64) and lacks there.
+GPU_WHEELS ?= nvshmem4py-cu13==0.4.1
+gpu-wheels:
+	mkdir -p $(WHEELS)
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_34_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d $(WHEELS) $(GPU_WHEELS)
+	ls -l $(WHEELS)
 
 bench: $(INSTALLED)
 	$(BENCH) $(BENCH_ARGS)

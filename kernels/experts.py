@@ -7,6 +7,7 @@ order[r] // TOPK, and the kernel loads that token's row of x (or of the output g
 gathered copy of x is ever made. Without GATHER the rows are already grouped (the expert-parallel path).
 
   up_tile, gemm_tile the tile loops (helpers, also called by the fused kernel)
+  row_offset, expert_offset  int64 element offsets of rows and expert slabs (helpers, see row_offset)
   up_kernel          pre = x[rows] @ w_up[e] + b_up[e];  h = act(gate) * up  or  act(pre)
   rows_gemm_kernel   out = (a[rows] @ B[e] + bias[e]) * weight[row], stored by row or added to its token
   act_grad_kernel    u = g[token] @ w_down[e]^T; weight gradient <u, h> + <g, b_down>; dpre = dact(u * weight)
@@ -25,6 +26,29 @@ import triton
 import triton.language as tl
 
 from .common import act_fwd, act_grad, expert_rows, expert_tile
+
+
+@triton.jit
+def row_offset(rows, stride):
+    """int64 element offset rows * stride of the start of each row (rows: int32/int64 scalar or vector, stride
+    the row length in elements).
+
+    Every product of a row index with a row length in these kernels goes through here: each factor fits in
+    i32 (Triton types a Python int below 2^31, program ids, tl.arange and loaded int32 indices as i32) while
+    the product passes 2^31 at production sizes (2^21 sorted rows times N_up = 4096), so it is formed in int64.
+    Row indices themselves stay i32 until this product (cheaper compares and division by TOPK).
+    """
+    return rows.to(tl.int64) * stride
+
+
+@triton.jit
+def expert_offset(e, rows, cols):
+    """int64 element offset of expert e's [rows, cols] matrix in a contiguous [E, rows, cols] buffer.
+
+    In int64 from the first product: e * rows * cols passes 2^31 (255 * 7168 * 4096 for DeepSeek-V3's w_up).
+    Offsets within one expert's matrix stay i32: rows * cols <= 7168 * 36864 = 2.6e8 at production sizes.
+    """
+    return e.to(tl.int64) * rows * cols
 
 
 @triton.jit
@@ -125,10 +149,10 @@ def up_kernel(
     if e >= E:
         return
     offs_m = tl.arange(0, BLOCK_M)
-    rows = (row0 + offs_m).to(tl.int64)
+    rows = row0 + offs_m
     row_ok = offs_m < rows_left
     if GATHER:
-        tok = (tl.load(order_ptr + rows, mask=row_ok, other=0) // TOPK).to(tl.int64)
+        tok = tl.load(order_ptr + rows, mask=row_ok, other=0) // TOPK
     else:
         tok = rows
     if GATED:
@@ -138,24 +162,24 @@ def up_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < INNER
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = x_ptr + tok[:, None] * H + offs_k[None, :]
+    a_ptrs = x_ptr + row_offset(tok, H)[:, None] + offs_k[None, :]
     if HAS_BIAS:
-        b_base = b_ptr + e.to(tl.int64) * n_up
+        b_base = b_ptr + row_offset(e, n_up)
     else:
         b_base = b_ptr
-    acc_g, acc_u = up_tile(a_ptrs, row_ok, w_ptr + e.to(tl.int64) * H * n_up, b_base, cols, col_ok, H, INNER,
+    acc_g, acc_u = up_tile(a_ptrs, row_ok, w_ptr + expert_offset(e, H, n_up), b_base, cols, col_ok, H, INNER,
                            GATED, HAS_BIAS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
     mask = row_ok[:, None] & col_ok[None, :]
     out_ty = h_ptr.dtype.element_ty
     if STORE_PRE:
-        pre_ptrs = pre_ptr + rows[:, None] * n_up + cols[None, :]
+        pre_ptrs = pre_ptr + row_offset(rows, n_up)[:, None] + cols[None, :]
         tl.store(pre_ptrs, acc_g.to(out_ty), mask=mask)
         if GATED:
             tl.store(pre_ptrs + INNER, acc_u.to(out_ty), mask=mask)
     h = act_fwd(acc_g, ACT)
     if GATED:
         h = h * acc_u
-    tl.store(h_ptr + rows[:, None] * INNER + cols[None, :], h.to(out_ty), mask=mask)
+    tl.store(h_ptr + row_offset(rows, INNER)[:, None] + cols[None, :], h.to(out_ty), mask=mask)
 
 
 @triton.jit
@@ -180,27 +204,31 @@ def rows_gemm_kernel(
     if e >= E:
         return
     offs_m = tl.arange(0, BLOCK_M)
-    rows = (row0 + offs_m).to(tl.int64)
+    rows = row0 + offs_m
     row_ok = offs_m < rows_left
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows[:, None] * K + offs_k[None, :]
-    b_ptrs = b_ptr + e.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+    a_ptrs = a_ptr + row_offset(rows, K)[:, None] + offs_k[None, :]
+    b_ptrs = b_ptr + row_offset(e, stride_be) + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
     acc = gemm_tile(a_ptrs, row_ok, b_ptrs, col_ok, K, stride_bk, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
     acc_ty = acc.dtype
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + e.to(tl.int64) * N + cols, mask=col_ok, other=0.0).to(acc_ty)[None, :]
-    if SCALE or ATOMIC:
-        src = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        acc += tl.load(bias_ptr + row_offset(e, N) + cols, mask=col_ok, other=0.0).to(acc_ty)[None, :]
+    if ATOMIC:
+        # An int64 offset for this load: with i32 ptxas gives sm_90's 16-bit atomic epilogue 40 more registers.
+        src = tl.load(order_ptr + rows.to(tl.int64), mask=row_ok, other=0)
+    elif SCALE:
+        src = tl.load(order_ptr + rows, mask=row_ok, other=0)
     if SCALE:
         acc = acc * tl.load(weight_ptr + src, mask=row_ok, other=0.0).to(acc_ty)[:, None]
     mask = row_ok[:, None] & col_ok[None, :]
     if ATOMIC:
         tok = src // TOPK
-        tl.atomic_add(out_ptr + tok[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.atomic_add(out_ptr + row_offset(tok, N)[:, None] + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                      mask=mask)
     else:
-        tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + row_offset(rows, N)[:, None] + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -227,10 +255,10 @@ def act_grad_kernel(
     if e >= E:
         return
     offs_m = tl.arange(0, BLOCK_M)
-    rows = (row0 + offs_m).to(tl.int64)
+    rows = row0 + offs_m
     row_ok = offs_m < rows_left
     if GATHER or SCALE or DW:
-        src = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        src = tl.load(order_ptr + rows, mask=row_ok, other=0)
     if GATHER:
         tok = src // TOPK
     else:
@@ -242,8 +270,8 @@ def act_grad_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < INNER
     offs_k = tl.arange(0, BLOCK_K)
-    g_ptrs = g_ptr + tok[:, None] * H + offs_k[None, :]
-    wd_base = wd_ptr + e.to(tl.int64) * INNER * H
+    g_ptrs = g_ptr + row_offset(tok, H)[:, None] + offs_k[None, :]
+    wd_base = wd_ptr + expert_offset(e, INNER, H)
     b_ptrs = wd_base + cols[None, :] * H + offs_k[:, None]  # w_down[e]^T: element (k, n) = w_down[e][n, k]
     acc_ty = tl.float64 if g_ptr.dtype.element_ty == tl.float64 else tl.float32
     acc = tl.zeros((BLOCK_M, BLOCK_N), acc_ty)
@@ -260,13 +288,13 @@ def act_grad_kernel(
         else:
             acc = tl.dot(g, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
         if DW and HAS_BIAS:
-            bd = tl.load(bd_ptr + e.to(tl.int64) * H + k0 + offs_k, mask=k_ok, other=0.0).to(acc_ty)
+            bd = tl.load(bd_ptr + row_offset(e, H) + k0 + offs_k, mask=k_ok, other=0.0).to(acc_ty)
             bias_dot += tl.sum(g.to(acc_ty) * bd[None, :], 1)
         g_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
     mask = row_ok[:, None] & col_ok[None, :]
-    pre_ptrs = pre_ptr + rows[:, None] * n_up + cols[None, :]
+    pre_ptrs = pre_ptr + row_offset(rows, n_up)[:, None] + cols[None, :]
     gate = tl.load(pre_ptrs, mask=mask, other=0.0).to(acc_ty)
     a_gate = act_fwd(gate, ACT)
     if GATED:
@@ -279,11 +307,11 @@ def act_grad_kernel(
         if HAS_BIAS:
             if pid_n == 0:
                 part += bias_dot
-        tl.store(dw_ptr + src * NT + pid_n, part.to(dw_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(dw_ptr + row_offset(src, NT) + pid_n, part.to(dw_ptr.dtype.element_ty), mask=row_ok)
     if SCALE:
         acc = acc * tl.load(weight_ptr + src, mask=row_ok, other=0.0).to(acc_ty)[:, None]
     out_ty = dpre_ptr.dtype.element_ty
-    dpre_ptrs = dpre_ptr + rows[:, None] * n_up + cols[None, :]
+    dpre_ptrs = dpre_ptr + row_offset(rows, n_up)[:, None] + cols[None, :]
     if GATED:
         tl.store(dpre_ptrs, (acc * up * act_grad(gate, ACT)).to(out_ty), mask=mask)
         tl.store(dpre_ptrs + INNER, (acc * a_gate).to(out_ty), mask=mask)
@@ -322,10 +350,10 @@ def weight_grad_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), acc_ty)
     col_sum = tl.zeros((BLOCK_N,), acc_ty)
     for r0 in range(0, n_e, BLOCK_K):
-        rows = (row0 + r0 + offs_k).to(tl.int64)
+        rows = row0 + r0 + offs_k
         k_ok = r0 + offs_k < n_e
         if A_GATHER or B_GATHER or B_SCALE:
-            src = tl.load(order_ptr + rows, mask=k_ok, other=0).to(tl.int64)
+            src = tl.load(order_ptr + rows, mask=k_ok, other=0)
         if A_GATHER:
             a_rows = src // TOPK
         else:
@@ -334,8 +362,10 @@ def weight_grad_kernel(
             b_rows = src // TOPK
         else:
             b_rows = rows
-        a_t = tl.load(a_ptr + a_rows[None, :] * M + offs_m[:, None], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + b_rows[:, None] * N + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        a_t = tl.load(a_ptr + row_offset(a_rows, M)[None, :] + offs_m[:, None], mask=m_ok[:, None] & k_ok[None, :],
+                      other=0.0)
+        b = tl.load(b_ptr + row_offset(b_rows, N)[:, None] + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :],
+                    other=0.0)
         if B_SCALE:
             w = tl.load(weight_ptr + src, mask=k_ok, other=0.0).to(acc_ty)
             b = (b.to(acc_ty) * w[:, None]).to(b_ptr.dtype.element_ty)
@@ -346,8 +376,8 @@ def weight_grad_kernel(
         if HAS_BIAS:
             col_sum += tl.sum(b.to(acc_ty), 0)
     out_mask = m_ok[:, None] & n_ok[None, :]
-    dw_ptrs = dw_ptr + e.to(tl.int64) * M * N + offs_m[:, None] * N + offs_n[None, :]
+    dw_ptrs = dw_ptr + expert_offset(e, M, N) + offs_m[:, None] * N + offs_n[None, :]
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=out_mask)
     if HAS_BIAS:
         if pid_m == 0:
-            tl.store(db_ptr + e.to(tl.int64) * N + offs_n, col_sum.to(db_ptr.dtype.element_ty), mask=n_ok)
+            tl.store(db_ptr + row_offset(e, N) + offs_n, col_sum.to(db_ptr.dtype.element_ty), mask=n_ok)
