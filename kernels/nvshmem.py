@@ -6,13 +6,25 @@ function taking i64 addresses and returning an unused i32. A kernel that calls t
 loaded module initialised with nvshmem4py's cumodule_init before it first runs (flashmoe_py.fused_backend
 does both). Addresses are symmetric: this rank's address of the object, the call names the peer `pe`.
 Called from scalar code, every thread of the program makes the call with identical arguments, which is
-the contract of the `_block` variants.
+the contract of the `_block` variants; where NVSHMEM's function is per thread, the shim picks the threads:
 
   putmem_signal_block(dst, src, nbytes, sig, value, pe)  nvshmemx_putmem_signal_nbi_block, SIGNAL_SET:
                                                          nbytes from src to pe's dst, then pe's 64-bit
-                                                         word sig = value once the bytes are there
-  signal_set(sig, value, pe)                             nvshmemx_signal_op(sig, value, SIGNAL_SET, pe)
-  quiet()                                                nvshmem_quiet: this thread's puts are complete
+                                                         word sig = value once the bytes are there.
+                                                         Every thread (collective over the block).
+  signal_set(sig, value, pe)                             nvshmemx_signal_op(sig, value, SIGNAL_SET, pe), by
+                                                         thread (0, 0, 0) alone: one remote write per
+                                                         program, not one per thread. It orders nothing the
+                                                         other threads wrote: a signal that publishes their
+                                                         data needs a barrier first (the fused kernel's
+                                                         signal_set calls publish empty packets).
+  quiet()                                                nvshmem_quiet, by every thread: it completes the
+                                                         calling thread's own operations (OpenSHMEM: quiet
+                                                         orders memory stores of the calling thread only),
+                                                         and every thread stored part of a _block put.
+
+The compile gate checks the thread-0 guard in the PTX (triton_compile_check.thread0_only), and
+tests/test_nvshmem_shim.py in the shim's IR.
 """
 
 import glob
