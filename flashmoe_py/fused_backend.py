@@ -418,7 +418,9 @@ def _prepare(state: FusedState, call: _Call, target: str, nprog: int, puts: str)
     scale = float(cfg.routed_scaling_factor)
     scale_hi = float(torch.tensor(scale, dtype=torch.float32))
     timer = target != "interpreter"
-    limit = int(state.timeout_s * 1e9) if timer else max(1, int(state.timeout_s / INTERPRETER_SPIN_S))
+    # GPU: units of 1024 ns (the kernel's clock words are int32: up to about 36 minutes); interpreter: polls
+    limit = min(int(state.timeout_s * 1e9) >> 10, 2**31 - 1) if timer else \
+        max(1, int(state.timeout_s / INTERPRETER_SPIN_S))
     router = p.router_weight
     native = (not given and router is not None and router.dtype == x.dtype
               and x.dtype in (torch.bfloat16, torch.float16) and target != "interpreter")
@@ -436,7 +438,8 @@ def _prepare(state: FusedState, call: _Call, target: str, nprog: int, puts: str)
         data1=state.data[1], sig0=state.sig[0], sig1=state.sig[1], limit=limit, scale_hi=scale_hi,
         scale_lo=scale - scale_hi, lb_coef=float(cfg.aux_loss_coef), z_coef=float(cfg.z_loss_coef))
     constexprs = dict(
-        ROUTING=call.routing_mode, PUTS=puts, USE_TIMER=timer, THREADS=32 * warps, E=e, EL=el, W=w, TOPK=k, ACT=act,
+        ROUTING=call.routing_mode, PUTS=puts, USE_TIMER=timer,
+        WAIT_LANES=max(32 * warps, e_pad), E=e, EL=el, W=w, TOPK=k, ACT=act,
         GATED=gated,
         HAS_BIAS=p.b_up is not None, HAS_ADDEND=call.addend is not None, SAVE_PRE=call.save, NATIVE_DOT=native,
         GROUPS=cfg.num_expert_groups, TOPK_GROUPS=cfg.topk_groups, SIGMOID=cfg.score_func == "sigmoid",

@@ -98,18 +98,12 @@ _MASK32 = tl.constexpr(0xFFFFFFFF)
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _now(USE_TIMER: tl.constexpr, THREADS: tl.constexpr):
-    """GPU: the global nanosecond timer, the same value in every thread. Interpreter (no inline asm): 0, and waits
-    count iterations.
-
-    Every thread reads %globaltimer itself (inline asm is per thread) and the reads differ; a wait that exits on
-    them could let one warp leave while another spins on. The max over one read per thread (THREADS >= the
-    program's threads, so the reduction crosses every warp) comes back through shared memory: uniform."""
+def _now(USE_TIMER: tl.constexpr):
+    """GPU: the global nanosecond timer, as this thread reads it (threads differ: decide on it only through
+    _spent). Interpreter (no inline asm): 0, and waits count iterations."""
     if USE_TIMER:
-        lanes = tl.zeros([THREADS], tl.int64)
-        t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,l", [lanes], dtype=tl.int64, is_pure=False,
+        t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
                                       pack=1)
-        t = tl.max(t, 0)
     else:
         t = tl.full([], 0, tl.int64)
     return t
@@ -132,22 +126,34 @@ def _pause(ns, USE_TIMER: tl.constexpr):
 
 
 @triton.jit
-def _spent(start, spent, USE_TIMER: tl.constexpr, THREADS: tl.constexpr):
-    """Time (ns, GPU) or polls (interpreter) since `start`; uniform across the program's threads."""
+def _spent(clock, start, spent, USE_TIMER: tl.constexpr):
+    """GPU: microseconds (ns >> 10) since this thread's `start`, the same in every thread: each thread's own reading
+    is offered to the program's clock word by a scalar atomic max, which one thread does and whose result (the
+    largest reading published so far, one poll old) every thread receives. A reading per thread, or a reduction
+    of them, would cost registers the GEMM tiles need. Interpreter: polls so far."""
     if USE_TIMER:
-        spent = _now(USE_TIMER, THREADS) - start
+        mine = ((_now(USE_TIMER) - start) >> 10).to(tl.int32)
+        spent = tl.atomic_max(clock, mine, sem="relaxed", scope="cta").to(tl.int64)
     else:
         spent += 1
     return spent
 
 
 @triton.jit
-def _wait_counter(ptr, target, sync_ptr, limit, USE_TIMER: tl.constexpr, THREADS: tl.constexpr):
-    """Acquire-spin until the int32 at ptr is >= target. False on timeout (limit ns or iterations) or abort.
-    Every value the loop exits on is uniform (scalar atomics, the reduced timer): all warps leave together."""
+def _start_clock(clock, USE_TIMER: tl.constexpr):
+    """(this thread's start time, 0 spent): a wait begins, its program's clock word is reset."""
+    start = _now(USE_TIMER)
+    if USE_TIMER:
+        tl.atomic_xchg(clock, 0, sem="relaxed", scope="cta")
+    return start, start * 0
+
+
+@triton.jit
+def _wait_counter(ptr, target, sync_ptr, limit, USE_TIMER: tl.constexpr, clock):
+    """Acquire-spin until the int32 at ptr is >= target. False on timeout (limit: us on a GPU, polls under the
+    interpreter) or abort. Every value the loop exits on is uniform (scalar atomics): all warps leave together."""
     v = tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
-    start = _now(USE_TIMER, THREADS)
-    spent = start * 0
+    start, spent = _start_clock(clock, USE_TIMER)
     stop = _aborted(sync_ptr)
     ns = tl.full([], 32, tl.int32)
     while (v < target) & (spent < limit) & (stop == 0):
@@ -155,7 +161,7 @@ def _wait_counter(ptr, target, sync_ptr, limit, USE_TIMER: tl.constexpr, THREADS
         ns = tl.minimum(ns * 2, 1024)
         v = tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
         stop = _aborted(sync_ptr)
-        spent = _spent(start, spent, USE_TIMER, THREADS)
+        spent = _spent(clock, start, spent, USE_TIMER)
     tl.debug_barrier()
     return v >= target
 
@@ -177,31 +183,33 @@ def _poll_words(base, offs, ok, USE_TIMER: tl.constexpr):
 
 
 @triton.jit
-def _wait_words(base, offs, ok, seq, sync_ptr, limit, USE_TIMER: tl.constexpr, THREADS: tl.constexpr):
-    """Acquire-spin until every signal word at base[offs] where ok carries sequence `seq` (word >> 32).
-    Returns (all arrived, the words seen).
+def _wait_words(base, n, seq, sync_ptr, limit, USE_TIMER: tl.constexpr, clock, LANES: tl.constexpr):
+    """Acquire-spin until each of the n signal words at base carries sequence `seq` (word >> 32). Returns (all
+    arrived, index of the first word that had not (n if none), that word as last seen), the same in every thread,
+    and the words [LANES] as last seen (0 past n): one lane per thread, so a reduction over them is uniform too.
 
-    The loop exits on a reduction (uniform), but the words themselves are loaded per thread, and a thread holding
-    a replica of a lane may have read it before the word arrived. Once every word has arrived it stays (its
-    writer's next word needs this launch to finish), so after a barrier one more read gives every thread the
-    arrived words."""
-    w = _poll_words(base, offs, ok, USE_TIMER)
+    The words are loaded per thread, and a decision on them is uniform only if it is reduced across every warp:
+    a vector smaller than the program is replicated in each warp, and each warp would reduce its own loads (a
+    warp that read a word before it arrived would wait on while the others go). LANES >= the program's threads
+    (and >= n) gives every thread its own lane, so the reductions cross all warps through shared memory."""
+    lanes = tl.arange(0, LANES)
+    ok = lanes < n
+    w = _poll_words(base, lanes, ok, USE_TIMER)
     pending = tl.sum((ok & ((w >> 32) != seq)).to(tl.int32), 0)
-    start = _now(USE_TIMER, THREADS)
-    spent = start * 0
+    start, spent = _start_clock(clock, USE_TIMER)
     stop = _aborted(sync_ptr)
     ns = tl.full([], 32, tl.int32)
     while (pending > 0) & (spent < limit) & (stop == 0):
         _pause(ns, USE_TIMER)
         ns = tl.minimum(ns * 2, 1024)
-        w = _poll_words(base, offs, ok, USE_TIMER)
+        w = _poll_words(base, lanes, ok, USE_TIMER)
         pending = tl.sum((ok & ((w >> 32) != seq)).to(tl.int32), 0)
         stop = _aborted(sync_ptr)
-        spent = _spent(start, spent, USE_TIMER, THREADS)
+        spent = _spent(clock, start, spent, USE_TIMER)
     tl.debug_barrier()
-    if pending == 0:
-        w = _poll_words(base, offs, ok, USE_TIMER)
-    return pending == 0, w
+    first = tl.min(tl.where(ok & ((w >> 32) != seq), lanes, n), 0)
+    seen = tl.sum(tl.where(lanes == first, w, 0), 0)
+    return pending == 0, first, seen, w
 
 
 @triton.jit
@@ -235,13 +243,6 @@ def slab_start(data, s, slab_elems):
 def row_start(slab, row, H):
     """Element offset (int64) of row `row` of a slab starting at element `slab` (rows of H elements)."""
     return slab.to(tl.int64) + row.to(tl.int64) * H
-
-
-@triton.jit
-def _first_missing(w, ok, seq, idx, PAD: tl.constexpr):
-    """(index, word) of the first lane of ok whose word lacks sequence seq; idx = arange(PAD)."""
-    first = tl.min(tl.where(ok & ((w >> 32) != seq), idx, PAD), 0)
-    return first, tl.sum(tl.where(idx == first, w, 0), 0)
 
 
 @triton.jit
@@ -488,27 +489,28 @@ def _dispatch_task(b, x_ptr, ids_ptr, order_ptr, slot_ptr, table_ptr, counts_ptr
 def _recv_task(s, sync_ptr, half, status_addr, stats_ptr, heap_words, words_delta_ptr, heap_addr,
                me, seq, slab_rows, sig0, sig1, limit,
                PUTS: tl.constexpr, USE_TIMER: tl.constexpr, W: tl.constexpr, E: tl.constexpr, EL: tl.constexpr,
-               ROW_BYTES: tl.constexpr, EL_PAD: tl.constexpr, THREADS: tl.constexpr):
+               ROW_BYTES: tl.constexpr, EL_PAD: tl.constexpr, clock, WAIT_LANES: tl.constexpr):
     """Wait for source s's DISPATCH signals (every packet, empty ones too), check the counts and copy them to
     RCOUNT, signal s's empty return packets, count the return bytes, mark s ready."""
-    routed = _wait_counter(half + _ROUTED, 1, sync_ptr, limit, USE_TIMER, THREADS)  # stats are written before it
-    ev = tl.arange(0, EL_PAD)
-    e_ok = ev < EL
-    arrived, w = _wait_words(heap_words + sig0 + s * EL, ev, e_ok, seq, sync_ptr, limit, USE_TIMER, THREADS)
+    routed = _wait_counter(half + _ROUTED, 1, sync_ptr, limit, USE_TIMER, clock)  # stats are written before it
+    arrived, slot, seen, w = _wait_words(heap_words + sig0 + s * EL, EL, seq, sync_ptr, limit, USE_TIMER, clock,
+                                         WAIT_LANES)
     if arrived == 0:
-        slot, seen = _first_missing(w, e_ok, seq, ev, EL_PAD)
         _fail(sync_ptr, status_addr, _ST_DISPATCH, me, s, 0, slot, seq, seen)
-    cnt = tl.where(e_ok, w & _MASK32, 0)
+    # Decisions on the counts use the wait's lanes (one per thread: uniform reductions), not a vector of EL_PAD,
+    # which each warp would hold, load and reduce on its own.
+    lanes = tl.arange(0, WAIT_LANES)
+    cnt = tl.where(lanes < EL, w & _MASK32, 0)
+    tl.store(half + _READY + W + 2 * E + s * EL + lanes, cnt.to(tl.int32), mask=lanes < EL)
     total = tl.sum(cnt, 0)
     if arrived & (total > slab_rows):
         _fail(sync_ptr, status_addr, _ST_COUNT, me, s, 0, -1, slab_rows, total)
-    tl.store(half + _READY + W + 2 * E + s * EL + ev, cnt.to(tl.int32), mask=e_ok)
     if routed & arrived & (total <= slab_rows):
         if s != me:
             tl.atomic_add(stats_ptr + E + 1, total.to(tl.int64) * ROW_BYTES + EL * 8)
         word = seq << 32
         for el in range(EL):
-            if tl.sum(tl.where(ev == el, cnt, 0), 0) == 0:
+            if tl.sum(tl.where(lanes == el, cnt, 0), 0) == 0:
                 idx = sig1 + me * EL + el
                 if s == me:
                     tl.atomic_xchg(heap_words + idx, word, sem="release", scope="sys")
@@ -521,7 +523,7 @@ def _recv_task(s, sync_ptr, half, status_addr, stats_ptr, heap_words, words_delt
 @triton.jit
 def _decode(g, sync_ptr, half, me, limit,
             USE_TIMER: tl.constexpr, W: tl.constexpr, EL: tl.constexpr, EL_PAD: tl.constexpr, BM: tl.constexpr,
-            THREADS: tl.constexpr):
+            clock):
     """Row tile g of the received packets -> (found, source, local expert, tile of the packet, packet rows,
     first slab row of the packet, first h row of the source). found = 0 past the last tile (every source
     decoded), -1 after an abort. Sources in the order me, me+1, ...: own rows first, available soonest."""
@@ -540,7 +542,7 @@ def _decode(g, sync_ptr, half, me, limit,
     for i in tl.static_range(W):
         s = (me + i) % W
         if found == 0:
-            ready = _wait_counter(half + _READY + s, 1, sync_ptr, limit, USE_TIMER, THREADS)
+            ready = _wait_counter(half + _READY + s, 1, sync_ptr, limit, USE_TIMER, clock)
             if ready & (_aborted(sync_ptr) == 0):
                 cnt = tl.load(half + _READY + W + 2 * (W * EL) + s * EL + ev, mask=e_ok, other=0)
                 tiles = (cnt + BM - 1) // BM
@@ -669,14 +671,11 @@ def _combine_task(c, sync_ptr, status_addr, out_ptr, ids_ptr, wts_ptr, slot_ptr,
                   heap_words, T, H, me, seq, slab_elems, data1, sig1, limit,
                   USE_TIMER: tl.constexpr, E: tl.constexpr, EL: tl.constexpr, TOPK: tl.constexpr,
                   HAS_ADDEND: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr, BTC: tl.constexpr,
-                  BH: tl.constexpr, THREADS: tl.constexpr):
+                  BH: tl.constexpr, clock, WAIT_LANES: tl.constexpr):
     """out[t] = sum_j w_tj * y_tj (+ addend[t]) for tokens [c*BTC, c*BTC+BTC), in fp32 (fp64) and slot order,
     after every result packet of this launch has arrived (RETURN slot (o, e) is word o*E_local + e = e_global)."""
-    ex = tl.arange(0, E_PAD)
-    ex_ok = ex < E
-    arrived, w = _wait_words(heap_words + sig1, ex, ex_ok, seq, sync_ptr, limit, USE_TIMER, THREADS)
+    arrived, slot, seen, _ = _wait_words(heap_words + sig1, E, seq, sync_ptr, limit, USE_TIMER, clock, WAIT_LANES)
     if arrived == 0:
-        slot, seen = _first_missing(w, ex_ok, seq, ex, E_PAD)
         _fail(sync_ptr, status_addr, _ST_RETURN, me, slot // EL, 1, slot % EL, seq, seen)
     rows = c.to(tl.int64) * BTC + tl.arange(0, BTC)
     row_ok = rows < T
@@ -734,7 +733,7 @@ def fused_moe_kernel(
     # sizes and layout
     T, H, INNER, me, NB, NC, nprog, HALF, G_MAX, slab_rows, slab_elems, data0, data1, sig0, sig1, limit,
     scale_hi, scale_lo, lb_coef, z_coef,
-    PHASE: tl.constexpr, ROUTING: tl.constexpr, PUTS: tl.constexpr, USE_TIMER: tl.constexpr, THREADS: tl.constexpr,
+    PHASE: tl.constexpr, ROUTING: tl.constexpr, PUTS: tl.constexpr, USE_TIMER: tl.constexpr, WAIT_LANES: tl.constexpr,
     E: tl.constexpr, EL: tl.constexpr, W: tl.constexpr, TOPK: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr, SAVE_PRE: tl.constexpr, NATIVE_DOT: tl.constexpr,
     GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr, SIGMOID: tl.constexpr, HAS_EBIAS: tl.constexpr,
@@ -755,6 +754,7 @@ def fused_moe_kernel(
     ng0 = tl.cdiv(nb0, TN0)  # tasks per row tile: TN0 (TN1) column tiles each, so a decode serves several
     ng1 = tl.cdiv(nb1, TN1)
     n_tasks = epoch * 0  # tasks this program claimed (stats.tasks_per_program)
+    clock = claims_ptr + tl.program_id(0)  # this program's clock word (_spent) until n_tasks is stored there
 
     if (PHASE == _ALL) or (PHASE == _ROUTE):
         zb = tl.arange(0, 128)
@@ -780,7 +780,7 @@ def fused_moe_kernel(
         t = tl.atomic_add(half + _CLAIM + 1, 1)
         while t < NB:
             n_tasks += 1
-            if _wait_counter(half + _ROUTED, 1, sync_ptr, limit, USE_TIMER, THREADS):
+            if _wait_counter(half + _ROUTED, 1, sync_ptr, limit, USE_TIMER, clock):
                 _dispatch_task(t, x_ptr, ids_ptr, order_ptr, slot_ptr, table_ptr, counts_ptr, gstart_ptr, half,
                                heap_rows, heap_words, rows_delta_ptr, words_delta_ptr, heap_addr,
                                T, H, me, seq, slab_elems, data0, sig0,
@@ -797,11 +797,11 @@ def fused_moe_kernel(
                 n_tasks += 1
                 _recv_task((me + c) % W, sync_ptr, half, status_addr, stats_ptr, heap_words, words_delta_ptr,
                            heap_addr, me, seq, slab_rows, sig0, sig1, limit,
-                           PUTS, USE_TIMER, W, E, EL, ROW_BYTES, EL_PAD, THREADS)
+                           PUTS, USE_TIMER, W, E, EL, ROW_BYTES, EL_PAD, clock, WAIT_LANES)
             else:
                 g = (c - W) // ng0
                 found, s, el, m, n_e, pst, hb = _decode(g, sync_ptr, half, me, limit,
-                                                        USE_TIMER, W, EL, EL_PAD, BM, THREADS)
+                                                        USE_TIMER, W, EL, EL_PAD, BM, clock)
                 if found == 1:
                     n_tasks += 1
                     if g < G_MAX:
@@ -824,10 +824,10 @@ def fused_moe_kernel(
         while go:
             g = c // ng1
             found, s, el, m, n_e, pst, hb = _decode(g, sync_ptr, half, me, limit,
-                                                    USE_TIMER, W, EL, EL_PAD, BM, THREADS)
+                                                    USE_TIMER, W, EL, EL_PAD, BM, clock)
             if found == 1:
                 n_tasks += 1
-                if _wait_counter(half + _READY + W + 3 * (W * EL) + g, nb0, sync_ptr, limit, USE_TIMER, THREADS):
+                if _wait_counter(half + _READY + W + 3 * (W * EL) + g, nb0, sync_ptr, limit, USE_TIMER, clock):
                     n_lo = (c % ng1) * TN1
                     _gemm1_task(g, n_lo, tl.minimum(n_lo + TN1, nb1), s, el, m, n_e, pst, hb, half, heap_rows,
                                 heap_words, rows_delta_ptr, words_delta_ptr, heap_addr, h_ptr, w_down_ptr, b_down_ptr,
@@ -845,7 +845,7 @@ def fused_moe_kernel(
             n_tasks += 1
             _combine_task(c, sync_ptr, status_addr, out_ptr, ids_ptr, wts_ptr, slot_ptr, gstart_ptr, addend_ptr,
                           heap_rows, heap_words, T, H, me, seq, slab_elems, data1, sig1, limit,
-                          USE_TIMER, E, EL, TOPK, HAS_ADDEND, E_PAD, K_PAD, BTC, BH, THREADS)
+                          USE_TIMER, E, EL, TOPK, HAS_ADDEND, E_PAD, K_PAD, BTC, BH, clock, WAIT_LANES)
             c = tl.atomic_add(half + _CLAIM + 4, 1)
         if PUTS == "nvshmem":
             nvshmem.quiet()
