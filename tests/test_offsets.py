@@ -31,6 +31,7 @@ import triton.language as tl  # noqa: E402
 from flashmoe_py.kernels.common import expert_rows, expert_tile  # noqa: E402
 from flashmoe_py.kernels.configs import AUX, GEMM  # noqa: E402
 from flashmoe_py.kernels.experts import expert_offset, row_offset  # noqa: E402
+from flashmoe_py.kernels.fused_moe import row_start, slab_start  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
 
@@ -203,3 +204,63 @@ def test_combine_row_offsets(shape, seed):
 # ----------------------------------------------------------------------------------------------------------
 # Fused kernel (kernels/fused_moe.py)
 # ----------------------------------------------------------------------------------------------------------
+
+# The expert-parallel heap of DeepSeek-V3 on 8 ranks: 256 experts (32 per rank), k=8, H=7168, bf16, 4096
+# tokens per rank. One slab holds 4096 * 8 rows of H: 2.3e8 elements; the RETURN region starts past 1.9e9
+# elements, and its slab of rank 2 onwards lies past 2^31 elements (issue 11's example).
+EP_SHAPE = dict(world=8, num_experts=256, top_k=8, tokens=4096, hidden=7168, ffn=2048, dtype=torch.bfloat16)
+
+
+def _ep_state():
+    """The fused backend's own persistent state for that layer, built on meta tensors (nothing allocated), with
+    its layout and the element offsets it passes to the kernel."""
+    import flashmoe_py as fm
+    from flashmoe_py.dist.layout import HeapLayout
+    from flashmoe_py.fused_backend import FusedState
+
+    s = EP_SHAPE
+    cfg = fm.MoEConfig(hidden_size=s["hidden"], ffn_hidden_size=s["ffn"], num_experts=s["num_experts"],
+                       top_k=s["top_k"])
+    el = s["num_experts"] // s["world"]
+    layout = HeapLayout.for_layer(s["world"], el, s["top_k"], s["tokens"], s["hidden"], s["dtype"].itemsize)
+    return FusedState(cfg, s["dtype"], torch.device("meta"), s["tokens"], 60.0, None, layout, s["world"], 0,
+                      meta=True), layout
+
+
+@triton.jit
+def _heap_probe(out_ptr, data0, data1, slab_elems, last_row, H, W: tl.constexpr):
+    """The heap offsets rank `me` (program id: an i32 as the kernel's `me` argument) forms, per peer s (i32):
+    out [W, 4, W] int64: the DISPATCH slab of source s, the RETURN slab of owner s, the last row of each, as
+    fused_moe_kernel forms them through slab_start and row_start."""
+    me = tl.program_id(0)
+    s = tl.arange(0, W)
+    base = out_ptr + me * 4 * W
+    tl.store(base + s, slab_start(data0, s, slab_elems))
+    tl.store(base + W + s, slab_start(data1, s, slab_elems))
+    tl.store(base + 2 * W + s, row_start(slab_start(data0, s, slab_elems), last_row, H))
+    tl.store(base + 3 * W + s, row_start(slab_start(data1, me + s * 0, slab_elems), last_row - s, H))
+
+
+def test_fused_heap_offsets_at_deepseek_v3_scale(seed):
+    """The fused kernel's heap offsets for every rank of the 8-rank DeepSeek-V3 heap equal the layout's own byte
+    offsets (in elements) and the exact products, and stay inside the segment; several pass 2^31."""
+    state, layout = _ep_state()
+    s, item = EP_SHAPE, EP_SHAPE["dtype"].itemsize
+    data0, data1 = state.data
+    args = dict(data0=data0, data1=data1, slab_elems=state.slab_elems, last_row=layout.slab_rows - 1, H=s["hidden"])
+    for name, value in args.items():
+        assert value < I32, f"{name} would be an i64 argument, not the i32 this test is about"
+    w = s["world"]
+    out = torch.full((w, 4, w), -1, dtype=torch.int64)
+    _heap_probe[(w,)](out, **args, W=w)
+    want = []
+    for me in range(w):
+        last = layout.slab_rows - 1
+        want.append([[layout.data_offset(0, p) // item for p in range(w)],
+                     [layout.data_offset(1, p) // item for p in range(w)],
+                     [layout.data_offset(0, p) // item + last * s["hidden"] for p in range(w)],
+                     [layout.data_offset(1, me) // item + (last - p) * s["hidden"] for p in range(w)]])
+    _check(out, want, "8-rank DeepSeek-V3 heap")
+    assert int(out.max()) < layout.size // item, "an offset past the end of the segment"
+    assert int((out >= I32).sum()) > w, "the heap is too small to pass 2^31 elements: the test would prove nothing"
+    assert data1 + 2 * state.slab_elems >= I32  # issue 11's example: the RETURN slab of rank 2
