@@ -1,8 +1,9 @@
 """The `fused` backend on one device (DESIGN §6, §7.2): the persistent kernel against the reference path.
 
 Without a CUDA device the kernel runs under TRITON_INTERPRET=1 (set here at import, as tests/test_triton_backend.py
-explains), phase by phase: five launches of the same kernel per forward. With a CUDA device the same tests run
-compiled, in one launch. Every output buffer and the heap's result slab are poisoned (NaN / -2**30) before each
+explains), phase by phase: five launches of the same kernel per forward; the PHASE=ALL tests below run the one
+launch a GPU makes, its programs as concurrent threads (or one program alone). With a CUDA device the same tests
+run compiled, in one launch. Every output buffer and the heap's result slab are poisoned (NaN / -2**30) before each
 launch (FLASHMOE_DEBUG_POISON), so an element the kernel forgets to write, or a result it reads before it was
 written, shows in the comparisons. Expert parallelism over the shm heap: tests/test_fused_ep.py.
 """
