@@ -94,7 +94,7 @@ def _extensions():
 ext_modules, cmdclass, summary = _extensions()
 print("flashmoe_py build summary:\n  " + "\n  ".join(summary))
 
-packages = ["flashmoe_py", "flashmoe_py.bench", "flashmoe_py.dist", "flashmoe_py.hf"]
+packages = ["flashmoe_py", "flashmoe_py.bench", "flashmoe_py.parallel", "flashmoe_py.hf"]
 package_dir = {"flashmoe_py": "flashmoe_py"}
 if os.path.isfile("kernels/__init__.py"):
     # Installed as flashmoe_py.kernels, never as a top-level `kernels` (another PyPI project's name).

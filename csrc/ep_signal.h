@@ -1,4 +1,4 @@
-// Cross-process signal words of the CPU symmetric heap (flashmoe_py/dist/layout.py, DESIGN §5).
+// Cross-process signal words of the CPU symmetric heap (flashmoe_py/parallel/layout.py, DESIGN §5).
 //
 // Why this is C++: the shm transport maps every rank's heap segment into every process. A sender
 // writes rows into a peer's segment and then a 64-bit signal word; the receiver spins on the word and

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import flashmoe_py as fm
-from flashmoe_py.dist import init_process_group
+from flashmoe_py.parallel import init_process_group
 
 
 def main() -> None:

@@ -6,9 +6,16 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-GATED_ACTIVATIONS = ("swiglu", "geglu")
-PLAIN_ACTIVATIONS = ("gelu", "relu", "silu")
+GATED_ACTIVATIONS = ("swiglu", "geglu", "swiglu_oai", "swiglu_clamped", "swiglu_softcap")
+PLAIN_ACTIVATIONS = ("gelu", "relu", "silu", "relu2")
 ACTIVATIONS = GATED_ACTIVATIONS + PLAIN_ACTIVATIONS
+# The MoEConfig fields each parameterised activation reads, in the order `activation_key` lists them.
+ACTIVATION_FIELDS = {
+    "swiglu_oai": ("swiglu_alpha", "swiglu_limit"),
+    "swiglu_clamped": ("swiglu_limit",),
+    "swiglu_softcap": ("swiglu_gate_softcap", "swiglu_up_softcap"),
+}
+_ALL_ACTIVATION_FIELDS = ("swiglu_alpha", "swiglu_limit", "swiglu_gate_softcap", "swiglu_up_softcap")
 SCORE_FUNCS = ("softmax", "sigmoid")
 
 
@@ -28,7 +35,15 @@ class MoEConfig:
     hidden_size: H, the token width.
     ffn_hidden_size: I, each routed expert's inner width (the gated activations use 2I up-projection columns).
     num_experts: E, the routed experts over all ranks. top_k: k experts per token.
-    activation: "swiglu" | "geglu" (gated, columns [0, I) gate, [I, 2I) up) | "gelu" (erf) | "relu" | "silu".
+    activation: gated (N_up = 2I, columns [0, I) gate g, [I, 2I) up u): "swiglu" silu(g) * u, "geglu" gelu(g) * u,
+      "swiglu_oai" (gpt-oss) (clamp(u, -limit, limit) + 1) * g' * sigmoid(swiglu_alpha * g') with
+      g' = min(g, limit), "swiglu_clamped" (DeepSeek-V4) silu(min(g, limit)) * clamp(u, -limit, limit), both with
+      limit = swiglu_limit; "swiglu_softcap" (Inkling2) c_g tanh(g / c_g) * sigmoid(g) * c_u tanh(u / c_u) with
+      c_g = swiglu_gate_softcap, c_u = swiglu_up_softcap; plain (N_up = I): "gelu" (erf), "relu", "silu",
+      "relu2" (relu(z)^2, Nemotron-H).
+    swiglu_alpha / swiglu_limit / swiglu_gate_softcap / swiglu_up_softcap: the parameters of the activations
+      above; required by the activation that reads them and None otherwise.
+    router_bias: a learned bias [E] added to the router logits (gpt-oss), for selection and weights alike.
     score_func: "softmax" | "sigmoid". renormalize: divide the k chosen weights by their sum.
     routed_scaling_factor: multiplies the routing weights after renormalisation.
     expert_bias: add a per-expert bias buffer to the scores for selection only (DeepSeek-V3).
@@ -59,6 +74,11 @@ class MoEConfig:
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
     deterministic: bool = True
+    swiglu_alpha: float | None = None
+    swiglu_limit: float | None = None
+    swiglu_gate_softcap: float | None = None
+    swiglu_up_softcap: float | None = None
+    router_bias: bool = False
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "ffn_hidden_size", "num_experts", "top_k"):
@@ -68,7 +88,16 @@ class MoEConfig:
                f"must be <= num_experts={self.num_experts}")
         _check(self.activation in ACTIVATIONS, "activation", self.activation, f"must be one of {ACTIVATIONS}")
         _check(self.score_func in SCORE_FUNCS, "score_func", self.score_func, f"must be one of {SCORE_FUNCS}")
-        for name in ("renormalize", "expert_bias", "shared_expert_gate", "bias", "deterministic"):
+        wanted = ACTIVATION_FIELDS.get(self.activation, ())
+        for name in _ALL_ACTIVATION_FIELDS:
+            v = getattr(self, name)
+            if name not in wanted:
+                _check(v is None, name, v, f"is set but activation={self.activation!r} does not use it")
+                continue
+            _check(v is not None, name, v, f"is required by activation={self.activation!r}")
+            _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0, name, v,
+                   "must be a finite number > 0")
+        for name in ("renormalize", "expert_bias", "shared_expert_gate", "bias", "deterministic", "router_bias"):
             v = getattr(self, name)
             _check(isinstance(v, bool), name, v, "must be a bool")
         for name in ("routed_scaling_factor", "aux_loss_coef", "z_loss_coef"):
@@ -108,6 +137,14 @@ class MoEConfig:
     @property
     def is_gated(self) -> bool:
         return self.activation in GATED_ACTIVATIONS
+
+    @property
+    def activation_key(self) -> str:
+        """The activation with its parameters in one string, e.g. "swiglu_oai:1.702:7.0" (the name alone for the
+        unparameterised ones): what the backends pass around and the Triton kernels take as a constexpr.
+        Parameters follow ACTIVATION_FIELDS' order as exact float reprs."""
+        fields = ACTIVATION_FIELDS.get(self.activation, ())
+        return ":".join([self.activation] + [repr(float(getattr(self, f))) for f in fields])
 
     @property
     def up_size(self) -> int:

@@ -14,10 +14,12 @@
 | `FLASHMOE_FUSED_SMS` | all | SMs (programs) the fused kernel's persistent grid takes; fewer leaves SMs free for |
 | | | NCCL kernels, another rank's kernel on the same GPU, or other MPS clients (ExpertParallel's `fused_sms=` |
 | | | overrides it per layer) |
-| `RANK`, `WORLD_SIZE`, `LOCAL_RANK` | - | set by torchrun; read by `flashmoe_py.dist.launch.init_process_group` |
+| `RANK`, `WORLD_SIZE`, `LOCAL_RANK` | - | set by torchrun; read by `flashmoe_py.parallel.launch.init_process_group` |
+| | | when no MPI launcher variable below is set (an mpirun job that also exports them is an mpirun job) |
 | `MASTER_ADDR`, `MASTER_PORT` | - | torchrun's rendezvous; under mpirun, used when set (multi-node) |
 | `OMPI_COMM_WORLD_RANK`, `OMPI_COMM_WORLD_SIZE`, `OMPI_COMM_WORLD_LOCAL_RANK` | - | set by Open MPI's mpirun |
-| `PMI_RANK`, `PMI_SIZE` | - | set by MPICH / Intel MPI launchers |
+| `PMI_RANK`, `PMI_SIZE` | - | set by MPICH / Intel MPI launchers (Hydra) |
+| `PMIX_RANK` | - | set by PMIx launchers (Open MPI 5's prterun, `srun --mpi=pmix`); the size then comes from MPI |
 
 Build-time switches (`FLASHMOE_SKIP_EXT`, `FLASHMOE_SKIP_CUDA`, `FLASHMOE_CUDA_ARCHS`, `MAX_JOBS`) are read by
 setup.py, which runs before this package exists. Values are read on every call, never cached, so tests may
@@ -84,20 +86,32 @@ class LaunchEnv:
 
     launcher: str | None  # "torchrun" | "mpirun" | None
     rank: int | None
-    world_size: int | None
+    world_size: int | None  # None under a PMIx launcher that exports no size: ask MPI (parallel/launch.py)
     local_rank: int | None
     master_addr: str | None
     master_port: str | None
 
 
+MPI_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+
+
 def launch_env() -> LaunchEnv:
+    """MPI's own variables first: a process started by mpirun is an mpirun rank even when it also has RANK and
+    WORLD_SIZE (the usual recipe for torch.distributed's env:// rendezvous under mpirun exports them)."""
     get = os.environ.get
+
+    def num(name: str, default: str | None = None) -> int | None:
+        raw = get(name, default)
+        return None if raw is None or raw == "" else int(raw)
+
     addr, port = get("MASTER_ADDR"), get("MASTER_PORT")
-    if get("RANK") is not None and get("WORLD_SIZE") is not None:
-        return LaunchEnv("torchrun", int(get("RANK")), int(get("WORLD_SIZE")), int(get("LOCAL_RANK", "0")), addr, port)
     if get("OMPI_COMM_WORLD_RANK") is not None:
-        return LaunchEnv("mpirun", int(get("OMPI_COMM_WORLD_RANK")), int(get("OMPI_COMM_WORLD_SIZE")),
-                         int(get("OMPI_COMM_WORLD_LOCAL_RANK", "0")), addr, port)
+        return LaunchEnv("mpirun", num("OMPI_COMM_WORLD_RANK"), num("OMPI_COMM_WORLD_SIZE"),
+                         num("OMPI_COMM_WORLD_LOCAL_RANK", "0"), addr, port)
     if get("PMI_RANK") is not None:
-        return LaunchEnv("mpirun", int(get("PMI_RANK")), int(get("PMI_SIZE")), None, addr, port)
+        return LaunchEnv("mpirun", num("PMI_RANK"), num("PMI_SIZE"), None, addr, port)
+    if get("PMIX_RANK") is not None:
+        return LaunchEnv("mpirun", num("PMIX_RANK"), num("PMI_SIZE"), None, addr, port)
+    if get("RANK") is not None and get("WORLD_SIZE") is not None:
+        return LaunchEnv("torchrun", num("RANK"), num("WORLD_SIZE"), num("LOCAL_RANK", "0"), addr, port)
     return LaunchEnv(None, None, None, None, addr, port)

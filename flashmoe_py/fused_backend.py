@@ -12,13 +12,13 @@ Backward (autograd), reusing what exists:
   world size 1   triton_backend.experts_bwd_impl on what the kernel saved: order/slot_of (the Triton
                  backend's layout), pre-activations and h, so nothing is recomputed.
   world size W   the forward's expert part is recomputed through the transport's host-driven dispatch/return
-                 (dist.forward.exchange_experts with the Triton backend's expert_ffn), then differentiated:
+                 (parallel.forward.exchange_experts with the Triton backend's expert_ffn), then differentiated:
                  four exchanges per backward, host syncs included, as the unfused expert-parallel path has.
   The router's gradient goes through PyTorch (its logits, scores and weights are re-expressed from the
   logits, as in the Triton backend).
 
 Persistent state (`FusedState`, one per (expert-parallel group or single device, dtype, shape)):
-  heap      this rank's segment of the symmetric heap (dist/layout.py): W = 1 a plain tensor (signals and
+  heap      this rank's segment of the symmetric heap (parallel/layout.py): W = 1 a plain tensor (signals and
             one slab), W > 1 the shm heap (CPU) or the NVSHMEM heap (GPU), separate from the heap the
             backward's exchanges use
   sync      [8 + 2 * HALF] int32: epoch, abort flag, two halves of per-launch counters (the kernel zeroes
@@ -29,9 +29,12 @@ Persistent state (`FusedState`, one per (expert-parallel group or single device,
 Per forward: out [T, H], ids [T, k] int64, weights [T, k], scores/logits [T, E], order/slot_of [T*k] int32,
 stats [E + 2 + W] int64, losses [3] (lb, z, aux), h [R, I] (+ pre [R, N_up] when saved for backward).
 
-Limits, all with errors that say so: dropless routing only (capacity_factor=None: capacity needs a
-per-expert ranking the kernel does not do); expert parallelism over the `shm` (CPU, interpreter) or `nvshmem`
-(GPU) transport. A wait that times out on a GPU is reported by the next call of the layer (reading the
+Capacity (capacity_factor set): the kernel ranks each expert's assignments on the device after routing
+(weight descending, then token: the Triton backend's semantics) and keeps the best cfg.capacity(T) of each (T:
+this rank's tokens with expert parallelism, as the unfused path); dropped assignments have slot_of -1.
+
+Limits, all with errors that say so: expert parallelism over the `shm` (CPU, interpreter) or `nvshmem` (GPU)
+transport. A wait that times out on a GPU is reported by the next call of the layer (reading the
 kernel's status needs no sync then); under the interpreter at once.
 """
 
@@ -46,14 +49,12 @@ import torch
 from . import env, interpreter_threads
 from .backends import BackendUnavailable
 from .config import MoEConfig
-from .dist.heap import ExchangeTimeout
-from .dist.layout import REGION_NAMES, HeapLayout
+from .parallel.heap import ExchangeTimeout
+from .parallel.layout import REGION_NAMES, HeapLayout
 from .records import MoEOutput, MoEParams, MoEStats, Routing
 from .routing import ExpertOrder, router_logits, routing_losses, scores_from_logits, weights_from_scores
 
-_GATE_ACT = {"swiglu": ("silu", True), "geglu": ("gelu", True), "gelu": ("gelu", False), "relu": ("relu", False),
-             "silu": ("silu", False)}
-ONE_SIDED = ("shm", "nvshmem", "local")  # local: in-process ranks (dist/local.py)
+ONE_SIDED = ("shm", "nvshmem", "local")  # local: in-process ranks (parallel/local.py)
 HANDLES_EXPERT_PARALLEL = True  # moe_forward(..., expert_parallel=ep) moves the rows itself (backends.py)
 INTERPRETER_SPIN_S = 2e-3  # seconds one spin iteration takes under the interpreter (waits count iterations)
 PROGRAMS_PER_SM = 1
@@ -75,9 +76,6 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 
 def unsupported_reason(cfg: MoEConfig, expert_parallel=None) -> Optional[str]:
     """None when this layer configuration can run fused, else why not (checked before anything runs)."""
-    if cfg.capacity_factor is not None:
-        return ("capacity_factor is set, and the fused kernel is dropless only (capacity keeps each expert's best "
-                "assignments, a per-expert ranking the kernel does not do); use backend='triton'")
     if expert_parallel is not None and expert_parallel.world_size > 1 and expert_parallel.transport not in ONE_SIDED:
         return (f"transport={expert_parallel.transport!r}: the fused kernel puts rows from the device into a "
                 f"symmetric heap, so it needs transport='shm' (CPU, under the interpreter) or 'nvshmem' (GPU)")
@@ -184,10 +182,12 @@ class FusedState:
         fused, _ = _kernels()
         self.half = fused.half_words(world, e, self.max_tiles)
         self.sync = torch.zeros(fused.SYNC_HEADER + 2 * self.half, dtype=torch.int32, device=alloc)
-        tab = torch.empty(self.max_blocks * e + 2 * e, dtype=torch.int32, device=alloc)
+        # table | counts | gstart | (capacity) counts before capacity | their offsets (the dropless order's)
+        tab = torch.empty(self.max_blocks * e + 4 * e, dtype=torch.int32, device=alloc)
         self.table = tab[:self.max_blocks * e]
         self.counts = tab[self.max_blocks * e:self.max_blocks * e + e]
-        self.gstart = tab[self.max_blocks * e + e:]
+        self.gstart = tab[self.max_blocks * e + e:self.max_blocks * e + 2 * e]
+        self.counts_all = tab[self.max_blocks * e + 2 * e:self.max_blocks * e + 3 * e]
         self.part = torch.empty(self.max_blocks * (e + 1), dtype=_acc_dtype(dtype), device=alloc)
         pinned = self.device.type == "cuda" and not meta
         self.status = torch.zeros(8, dtype=torch.int64, pin_memory=pinned)
@@ -280,10 +280,10 @@ def _state(cfg: MoEConfig, dtype: torch.dtype, device: torch.device, ep, num_tok
             if ep.transport == "local":
                 heap = ep.heap_view(dtype)
             elif ep.transport == "shm":
-                from .dist.shm import ShmHeap
+                from .parallel.shm import ShmHeap
                 heap = ShmHeap(layout, ep.group)
             else:
-                from .dist.nvshmem import NvshmemHeap
+                from .parallel.nvshmem import NvshmemHeap
                 heap = NvshmemHeap(layout, ep.group, device)
             states[key] = FusedState(cfg, dtype, device, ep.max_tokens_per_rank, ep.timeout_s, heap, layout,
                                      ep.world_size, ep.rank, programs=getattr(ep, "fused_sms", None))
@@ -382,9 +382,12 @@ def _prepare(state: FusedState, call: _Call, target: str, nprog: int, puts: str)
     k, e, inner, w = cfg.top_k, cfg.num_experts, cfg.ffn_hidden_size, state.world
     el = e // w
     dev, acc = x.device, _acc_dtype(x.dtype)
-    act, gated = _GATE_ACT[cfg.activation]
+    from .triton_backend import kernel_activation
+
+    act, gated = kernel_activation(cfg.activation_key)
     regime = configs.regime(t * k, e)
-    bm, bn0, bk0, bn1, bk1, warps, stages = configs.fused_config(target, regime, x.dtype.itemsize, puts)
+    bm, bn0, bk0, bn1, bk1, warps, stages = configs.fused_config(target, regime, x.dtype.itemsize, puts,
+                                                                 param_act=":" in act)
     aux = configs.FUSED_AUX[target]
     e_pad = max(16, _pow2(e))
     bt = configs.fused_block_t(target, e_pad)
@@ -407,6 +410,8 @@ def _prepare(state: FusedState, call: _Call, target: str, nprog: int, puts: str)
     scores = out((t, e), acc) if not given else None
     logits = call.route_in if call.routing_mode == "logits" else (out((t, e), acc) if not given else None)
     order, slot_of = out((t * k,), torch.int32), out((t * k,), torch.int32)
+    cap = cfg.capacity(t)  # None: dropless; else rows each expert keeps (of this rank's tokens)
+    dl_order = out((t * k,), torch.int32) if cap is not None else order  # the order tasks' dropless order
     h = state.h_buffer(rows)
     if poison:
         h.fill_(float("nan"))
@@ -436,7 +441,8 @@ def _prepare(state: FusedState, call: _Call, target: str, nprog: int, puts: str)
         T=t, H=hidden, INNER=inner, me=state.rank, NB=nb, NC=nc, nprog=nprog, HALF=state.half,
         G_MAX=state.max_tiles, slab_rows=state.layout.slab_rows, slab_elems=state.slab_elems, data0=state.data[0],
         data1=state.data[1], sig0=state.sig[0], sig1=state.sig[1], limit=limit, scale_hi=scale_hi,
-        scale_lo=scale - scale_hi, lb_coef=float(cfg.aux_loss_coef), z_coef=float(cfg.z_loss_coef))
+        scale_lo=scale - scale_hi, lb_coef=float(cfg.aux_loss_coef), z_coef=float(cfg.z_loss_coef),
+        dl_order_ptr=dl_order, cap=0 if cap is None else cap, NS=max(1, _cdiv(t * k, aux["BRS"])))
     constexprs = dict(
         ROUTING=call.routing_mode, PUTS=puts, USE_TIMER=timer,
         WAIT_LANES=max(32 * warps, e_pad), E=e, EL=el, W=w, TOPK=k, ACT=act,
@@ -448,7 +454,8 @@ def _prepare(state: FusedState, call: _Call, target: str, nprog: int, puts: str)
         K_PAD=max(2, _pow2(k)), G_PAD=max(2, _pow2(cfg.num_expert_groups)), BT=bt, BTC=aux["BTC"], BR=aux["BR"],
         BH=aux["BH"], CB=aux["CB"], TN0=aux["TN0"], TN1=aux["TN1"], BM=bm, BN0=bn0, BK0=bk0, BN1=bn1, BK1=bk1,
         EVEN_K0=hidden % bk0 == 0,
-        EVEN_K1=inner % bk1 == 0, **_dot_flags(x.dtype, target))
+        EVEN_K1=inner % bk1 == 0, **_dot_flags(x.dtype, target), CAPACITY=cap is not None, BRS=aux["BRS"],
+        BCS=aux["BCS"])
     tags = {"regime": regime, "config": f"{bm}x{bn0}x{bk0}/{bn1}x{bk1} w{warps} s{stages}", "puts": puts}
     return args, constexprs, warps, stages, tags, res
 
@@ -604,7 +611,7 @@ class _FusedFunction(torch.autograd.Function):
 
             dx, dweights, dw_up, dw_down, db_up, db_down = experts_bwd_impl(
                 grad_out, x, weights, order, counts.to(torch.int32), slot_of, w_up, w_down, b_up, b_down, h, pre,
-                cfg.activation, k, cfg.deterministic, need[0], need[1], need_dparams)
+                cfg.activation_key, k, cfg.deterministic, need[0], need[1], need_dparams)
         else:
             dx, dweights, dw_up, dw_down, db_up, db_down = _ep_backward(run, grad_out, x, weights, order, slot_of,
                                                                         counts, w_up, w_down, b_up, b_down, need)
@@ -628,7 +635,7 @@ def _ep_backward(run: _Run, grad_out, x, weights, order, slot_of, counts, w_up, 
     """Recompute the routed part through the transport's host-driven exchanges and the Triton backend's expert
     FFN, then differentiate it (every rank must run backward: the exchanges are collective)."""
     from . import triton_backend
-    from .dist.forward import combine, exchange_experts
+    from .parallel.forward import combine, exchange_experts
 
     cfg, ep = run.cfg, run.ep
     k = cfg.top_k
@@ -637,11 +644,11 @@ def _ep_backward(run: _Run, grad_out, x, weights, order, slot_of, counts, w_up, 
         w_l = weights.detach().requires_grad_(need[1])
         leaves = [None if p is None else p.detach().requires_grad_(n) for p, n in zip((w_up, w_down, b_up, b_down),
                                                                                    need[3:7])]
-        order64 = order.long()
         send_counts = counts.view(ep.world_size, ep.num_local_experts).cpu()  # the unfused path's host sync
+        order64 = order[:int(send_counts.sum())].long()  # past the kept rows (capacity) order is unwritten
         send_rows = x_l.index_select(0, order64 // k)
         exchange = ep.exchange_for(x.dtype, x.device)
-        y_rows, _ = exchange_experts(send_rows, send_counts, exchange, triton_backend.expert_ffn, cfg.activation,
+        y_rows, _ = exchange_experts(send_rows, send_counts, exchange, triton_backend.expert_ffn, cfg.activation_key,
                                      *leaves)
         routed = combine(y_rows, ExpertOrder(order64, counts, slot_of.long()), w_l, cfg.deterministic)
         inputs = [t for t in (x_l, w_l, *leaves) if t is not None and t.requires_grad]
@@ -696,8 +703,9 @@ def moe_forward(x2d: torch.Tensor, params: MoEParams, cfg: MoEConfig, routing: O
     logits_pt = None
     if routing is not None:
         mode, route_in, ids = "given", routing.topk_weights.contiguous(), routing.topk_ids.contiguous()
-    elif _wants_grad(x2d, params.router_weight):
-        logits_pt = router_logits(x2d, params.router_weight)  # the router's gradient goes through PyTorch
+    elif params.router_bias is not None or _wants_grad(x2d, params.router_weight):
+        # The router's gradient goes through PyTorch; a router bias (gpt-oss) too: the kernel's router GEMM has none.
+        logits_pt = router_logits(x2d, params.router_weight, params.router_bias)
         mode, route_in, ids = "logits", logits_pt.contiguous(), None
     else:
         mode, route_in, ids = "compute", None, None
@@ -733,9 +741,11 @@ def moe_forward(x2d: torch.Tensor, params: MoEParams, cfg: MoEConfig, routing: O
             scores = _value_with_grad_of(scores, scores_pt)
             weights = _value_with_grad_of(weights, weights_from_scores(scores_pt, res["ids"], cfg))
             logits = logits_pt
-        routing_out = Routing(res["ids"], weights, state.true.expand(t, k), logits, scores)
-        if logits_pt is not None:  # losses with their gradient, through PyTorch
-            lb, z = routing_losses(routing_out, e, stats_t[:e])
+        kept = state.true.expand(t, k) if cfg.capacity(t) is None else res["slot_of"].view(t, k) >= 0
+        routing_out = Routing(res["ids"], weights, kept, logits, scores)
+        if logits_pt is not None:  # losses with their gradient, through PyTorch (counts before capacity)
+            counts_all = stats_t[:e] if cfg.capacity(t) is None else state.counts_all
+            lb, z = routing_losses(routing_out, e, counts_all)
             aux = cfg.aux_loss_coef * lb + cfg.z_loss_coef * z
         else:
             lb, z, aux = res["losses"][0], res["losses"][1], res["losses"][2]

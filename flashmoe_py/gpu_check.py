@@ -515,7 +515,7 @@ def device_info() -> dict:
     except Exception as e:  # any failure to import is what this step reports
         info["torch"] = f"absent ({type(e).__name__}: {e})"
     for dist in ("triton", "nvidia-nvshmem-cu13", "nvshmem4py-cu13", "cuda-core", "cuda-bindings", "mpi4py",
-                 "numpy", "transformers", "pytest", "setuptools", "ninja", "flashmoe_py"):
+                 "numpy", "transformers", "pytest", "setuptools", "ninja", "flashmoe-triton"):
         info[dist] = _version(dist)
     info["driver"] = _tool_version("nvidia-smi", "--query-gpu=name,driver_version,memory.total,compute_cap",
                                    "--format=csv,noheader")

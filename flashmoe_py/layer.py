@@ -26,7 +26,7 @@ class FusedMoE(nn.Module):
     FLASHMOE_EP_TIMEOUT_S (flashmoe_py/env.py). Construction and every forward/backward are collective.
 
     Parameters (DESIGN §3; E_local = E on one rank, E/W with a process group):
-      router_weight [E, H]; buffer expert_bias [E] float32 (when cfg.expert_bias)
+      router_weight [E, H]; router_bias [E] (cfg.router_bias); buffer expert_bias [E] float32 (cfg.expert_bias)
       w_up [E_local, H, N_up], w_down [E_local, I, H]; b_up [E_local, N_up], b_down [E_local, H] (cfg.bias)
       shared_w_up [H, N_up_shared], shared_w_down [I_shared, H] (cfg.num_shared_experts > 0)
       shared_gate_weight [1, H] (cfg.shared_expert_gate)
@@ -52,7 +52,7 @@ class FusedMoE(nn.Module):
         self.expert_parallel = None
         self.world_size, self.rank = 1, 0
         if process_group is not None:
-            from .dist.expert_parallel import ExpertParallel
+            from .parallel.expert_parallel import ExpertParallel
             self.expert_parallel = ExpertParallel(config, process_group, transport, device=device,
                                                   max_tokens_per_rank=max_tokens_per_rank, timeout_s=timeout_s)
             self.world_size, self.rank = self.expert_parallel.world_size, self.expert_parallel.rank
@@ -65,6 +65,7 @@ class FusedMoE(nn.Module):
         cfg, fk = config, {"device": device, "dtype": dtype}
         el, h, i = self.num_local_experts, cfg.hidden_size, cfg.ffn_hidden_size
         self.router_weight = nn.Parameter(torch.empty(cfg.num_experts, h, **fk))
+        self.router_bias = nn.Parameter(torch.empty(cfg.num_experts, **fk)) if cfg.router_bias else None
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, device=device, dtype=torch.float32)
                              if cfg.expert_bias else None)
         self.w_up = nn.Parameter(torch.empty(el, h, cfg.up_size, **fk))
@@ -92,16 +93,16 @@ class FusedMoE(nn.Module):
                 t.uniform_(-bound, bound)
 
         h, i, ish = cfg.hidden_size, cfg.ffn_hidden_size, cfg.shared_hidden_size
-        for t, fan_in in ((self.router_weight, h), (self.w_up, h), (self.w_down, i), (self.b_up, h),
-                          (self.b_down, i), (self.shared_w_up, h), (self.shared_w_down, ish),
+        for t, fan_in in ((self.router_weight, h), (self.router_bias, h), (self.w_up, h), (self.w_down, i),
+                          (self.b_up, h), (self.b_down, i), (self.shared_w_up, h), (self.shared_w_down, ish),
                           (self.shared_gate_weight, h)):
             uniform_(t, fan_in)
         if self.expert_bias is not None:
             self.expert_bias.zero_()
         if self.expert_parallel is not None:
-            from .dist.replicate import broadcast_replicated
-            broadcast_replicated([self.router_weight, self.expert_bias, self.shared_w_up, self.shared_w_down,
-                                  self.shared_gate_weight], self.process_group)
+            from .parallel.replicate import broadcast_replicated
+            broadcast_replicated([self.router_weight, self.router_bias, self.expert_bias, self.shared_w_up,
+                                  self.shared_w_down, self.shared_gate_weight], self.process_group)
 
     def params(self) -> MoEParams:
         return MoEParams.from_mapping(self)
@@ -117,7 +118,7 @@ class FusedMoE(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         parts = [f"hidden_size={c.hidden_size}", f"ffn_hidden_size={c.ffn_hidden_size}",
-                 f"num_experts={c.num_experts}", f"top_k={c.top_k}", f"activation={c.activation}",
+                 f"num_experts={c.num_experts}", f"top_k={c.top_k}", f"activation={c.activation_key}",
                  f"score_func={c.score_func}"]
         if c.num_expert_groups > 1:
             parts.append(f"groups={c.topk_groups}/{c.num_expert_groups}")

@@ -19,7 +19,7 @@ def moe(x: torch.Tensor, params, cfg: MoEConfig, *, backend: str = "auto", topk_
     params       MoEParams, a dict by parameter name, or a FusedMoE layer
     topk_ids     [T, k] integer, optional caller-supplied routing (skips the router; losses are then 0)
     topk_weights [T, k] floating, given together with topk_ids
-    expert_parallel  a `flashmoe_py.dist.ExpertParallel` (process group + transport; collective): x holds
+    expert_parallel  a `flashmoe_py.parallel.ExpertParallel` (process group + transport; collective): x holds
                  this rank's tokens, params this rank's E/W experts (w_up [E/W, H, N_up], ...) and the
                  replicated router/shared expert; rows go to the experts' owners and come back
     returns MoEOutput; .out has the shape and dtype of x
@@ -47,7 +47,7 @@ def moe(x: torch.Tensor, params, cfg: MoEConfig, *, backend: str = "auto", topk_
     if expert_parallel is not None and backends.handles_expert_parallel(name):
         result = backends.forward_fn(name)(x2d, params, cfg, routing, expert_parallel=expert_parallel)
     elif expert_parallel is not None:
-        from .dist.forward import ep_moe_forward
+        from .parallel.forward import ep_moe_forward
         result = ep_moe_forward(x2d, params, cfg, routing, expert_parallel, backends.expert_ffn_fn(name), name)
     else:
         result = backends.forward_fn(name)(x2d, params, cfg, routing)

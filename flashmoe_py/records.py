@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 PARAM_NAMES = ("router_weight", "expert_bias", "w_up", "w_down", "b_up", "b_down",
-               "shared_w_up", "shared_w_down", "shared_gate_weight")
+               "shared_w_up", "shared_w_down", "shared_gate_weight", "router_bias")
 
 
 @dataclass
@@ -26,6 +26,7 @@ class MoEParams:
     shared_w_up        [H, N_up_shared] or None
     shared_w_down      [I_shared, H] or None
     shared_gate_weight [1, H] or None
+    router_bias        [E] or None       float, any dtype: added to the router logits (MoEConfig.router_bias)
     """
 
     router_weight: torch.Tensor
@@ -37,6 +38,7 @@ class MoEParams:
     shared_w_up: torch.Tensor | None = None
     shared_w_down: torch.Tensor | None = None
     shared_gate_weight: torch.Tensor | None = None
+    router_bias: torch.Tensor | None = None
 
     @classmethod
     def from_mapping(cls, params) -> MoEParams:

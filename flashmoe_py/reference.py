@@ -122,7 +122,7 @@ def routed_experts(x: torch.Tensor, order: ExpertOrder, weights: torch.Tensor, p
     if x.shape[0] == 0:  # empty, but still part of x's graph so backward works like any PyTorch op
         return x.to(weights.dtype) * 0
     if use_grouped_mm(x.shape[0] * k, x, params):
-        y_rows = expert_ffn(x[order.order // k], order.counts, params, cfg.activation)
+        y_rows = expert_ffn(x[order.order // k], order.counts, params, cfg.activation_key)
         return combine(y_rows, order, weights, cfg.deterministic)
     token_of_row = order.order // k
     weight_of_row = weights.reshape(-1)[order.order].unsqueeze(1)
@@ -133,7 +133,7 @@ def routed_experts(x: torch.Tensor, order: ExpertOrder, weights: torch.Tensor, p
         if n == 0:
             continue
         tokens = token_of_row[start:start + n]
-        y = expert_block(x.index_select(0, tokens), experts[e], cfg.activation)
+        y = expert_block(x.index_select(0, tokens), experts[e], cfg.activation_key)
         out.index_add_(0, tokens, y.to(weights.dtype) * weight_of_row[start:start + n])
         start += n
     return out
@@ -142,7 +142,7 @@ def routed_experts(x: torch.Tensor, order: ExpertOrder, weights: torch.Tensor, p
 def shared_expert(x: torch.Tensor, params: MoEParams, cfg: MoEConfig) -> torch.Tensor:
     """x [T, H] -> [T, H] in the compute dtype (fp32, fp64 for fp64 inputs): the dense shared FFN,
     scaled by sigmoid(x @ shared_gate_weight.T) when the gate is on."""
-    h = apply_activation(x @ params.shared_w_up, cfg.activation)
+    h = apply_activation(x @ params.shared_w_up, cfg.activation_key)
     dt = compute_dtype(x)
     y = (h @ params.shared_w_down).to(dt)
     if cfg.shared_expert_gate:
@@ -153,7 +153,7 @@ def shared_expert(x: torch.Tensor, params: MoEParams, cfg: MoEConfig) -> torch.T
 def moe_forward(x: torch.Tensor, params: MoEParams, cfg: MoEConfig, routing: Routing | None = None) -> MoEOutput:
     """x [T, H] (already flattened and validated) -> MoEOutput with out [T, H] in x.dtype."""
     if routing is None:
-        routing = route(x, params.router_weight, params.expert_bias, cfg)
+        routing = route(x, params.router_weight, params.expert_bias, cfg, params.router_bias)
     order = sort_by_expert(routing.topk_ids, routing.kept, cfg.num_experts)
     out = routed_experts(x, order, routing.topk_weights, params, cfg)
     if cfg.num_shared_experts > 0:

@@ -20,10 +20,13 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def router_logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
-    """x [T, H], router_weight [E, H] -> logits [T, E] in fp32 (fp64 when either input is fp64)."""
-    dt = compute_dtype(x, router_weight)
-    return x.to(dt) @ router_weight.to(dt).t()
+def router_logits(x: torch.Tensor, router_weight: torch.Tensor,
+                  router_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, H], router_weight [E, H], router_bias [E] or None -> logits [T, E] = x @ W.T (+ b) in fp32 (fp64
+    when an input is fp64)."""
+    dt = compute_dtype(x, router_weight, router_bias)
+    logits = x.to(dt) @ router_weight.to(dt).t()
+    return logits if router_bias is None else logits + router_bias.to(dt)
 
 
 def scores_from_logits(logits: torch.Tensor, score_func: str) -> torch.Tensor:
@@ -73,9 +76,10 @@ def capacity_mask(topk_ids: torch.Tensor, topk_weights: torch.Tensor, cfg: MoECo
 
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, expert_bias: torch.Tensor | None,
-          cfg: MoEConfig) -> Routing:
-    """x [T, H] -> Routing with logits and scores (differentiable w.r.t. x and router_weight via the weights)."""
-    logits = router_logits(x, router_weight)
+          cfg: MoEConfig, router_bias: torch.Tensor | None = None) -> Routing:
+    """x [T, H] -> Routing with logits and scores (differentiable w.r.t. x, router_weight and router_bias via the
+    weights)."""
+    logits = router_logits(x, router_weight, router_bias)
     scores = scores_from_logits(logits, cfg.score_func)
     topk_ids = select_experts(scores, cfg, expert_bias)
     weights = weights_from_scores(scores, topk_ids, cfg)

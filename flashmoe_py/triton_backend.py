@@ -32,14 +32,23 @@ from typing import Optional
 import torch
 
 from . import env
-from .config import MoEConfig
+from .activations import parse_activation
+from .config import GATED_ACTIVATIONS, MoEConfig
 from .records import MoEOutput, MoEParams, MoEStats, Routing
 from .routing import router_logits, routing_losses, scores_from_logits, weights_from_scores
 
-_GATE_ACT = {"swiglu": ("silu", True), "geglu": ("gelu", True), "gelu": ("gelu", False), "relu": ("relu", False),
-             "silu": ("silu", False)}
+_GATE_ACT = {"swiglu": ("silu", True), "geglu": ("gelu", True)}  # act(gate) * up: the gate's function
 _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
                  torch.int32: "i32", torch.int64: "i64", torch.bool: "i1", torch.int8: "i8"}
+
+
+def kernel_activation(activation: str) -> tuple[str, bool]:
+    """`MoEConfig.activation_key` -> the kernels' (ACT, GATED) constexprs (kernels/common.py): swiglu/geglu ->
+    their gate function; parameterised gated activations -> their key (parameters included); plain -> the name."""
+    name, _ = parse_activation(activation)  # a name without its parameters is refused here
+    if name in _GATE_ACT:
+        return _GATE_ACT[name]
+    return (activation, True) if name in GATED_ACTIVATIONS else (name, False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -273,11 +282,11 @@ def order_impl(ids: torch.Tensor, weights: torch.Tensor, kept: Optional[torch.Te
 
 
 def _up(x, order, counts, w_up, b_up, h, pre, activation, top_k, rows):
-    act, gated = _GATE_ACT[activation]
+    act, gated = kernel_activation(activation)
     e, hidden, _ = w_up.shape
     inner = h.shape[1]
     blocks, warps, stages, tags = _gemm("up", x.dtype, x.device, rows, e)
-    _run(Launch(f"up[{activation}]", _kernels().up_kernel,
+    _run(Launch(f"up[{activation.split(':')[0]}]", _kernels().up_kernel,
                 (_m_tiles(rows, e, blocks["BLOCK_M"]), _cdiv(inner, blocks["BLOCK_N"])),
                 dict(h_ptr=h, pre_ptr=pre if pre.numel() else None, x_ptr=x, order_ptr=order, counts_ptr=counts,
                      w_ptr=w_up, b_ptr=b_up, H=hidden, INNER=inner, E=e),
@@ -373,13 +382,13 @@ def experts_bwd_impl(grad_out: torch.Tensor, x: torch.Tensor, weights: Optional[
     rows, inner = h.shape
     e, _, n_up = w_up.shape
     dev = x.device
-    act, gated = _GATE_ACT[activation]
+    act, gated = kernel_activation(activation)
     dw_rows = moe_mode and need_dweights
     blocks, warps, stages, tags = _gemm("dh", x.dtype, dev, rows, e)
     n_tiles = _cdiv(inner, blocks["BLOCK_N"])
     dpre = _empty((rows, n_up), x.dtype, dev)
     partial = torch.zeros(t * top_k, n_tiles, dtype=_acc_dtype(x.dtype), device=dev) if dw_rows else None
-    _run(Launch(f"dh[{activation}]", _kernels().act_grad_kernel,
+    _run(Launch(f"dh[{activation.split(':')[0]}]", _kernels().act_grad_kernel,
                 (_m_tiles(rows, e, blocks["BLOCK_M"]), n_tiles),
                 dict(dpre_ptr=dpre, dw_ptr=partial, g_ptr=g, order_ptr=order, counts_ptr=counts,
                      weight_ptr=weights if moe_mode else None, wd_ptr=w_down, pre_ptr=pre, bd_ptr=b_down,
@@ -570,7 +579,7 @@ def moe_forward(x2d: torch.Tensor, params: MoEParams, cfg: MoEConfig,
     x2d = x2d.contiguous()
     counts_all = None
     if routing is None:
-        logits = router_logits(x2d, params.router_weight)
+        logits = router_logits(x2d, params.router_weight, params.router_bias)
         bias = params.expert_bias.contiguous() if cfg.expert_bias and params.expert_bias is not None else None
         ids, w_kernel, s_kernel, counts_all = _route_op(
             logits.detach().contiguous(), bias, k, cfg.score_func, cfg.renormalize, float(cfg.routed_scaling_factor),
@@ -599,7 +608,7 @@ def moe_forward(x2d: torch.Tensor, params: MoEParams, cfg: MoEConfig,
                                   _contig(params.b_down))
     save = _wants_grad(x2d, weights, addend, w_up, w_down, b_up, b_down)
     out = _ExpertsFunction.apply(x2d, weights, addend, w_up, w_down, b_up, b_down, order, counts, slot_of,
-                                 cfg.activation, k, cfg.deterministic, save)
+                                 cfg.activation_key, k, cfg.deterministic, save)
     lb, z = routing_losses(routing, e, counts_all)
     stats = MoEStats(tokens_per_expert=counts.long(), dropped=t * k - counts.sum(), host_syncs=0)
     return MoEOutput(out=out, routing=routing, aux_loss=cfg.aux_loss_coef * lb + cfg.z_loss_coef * z, lb_loss=lb,
@@ -660,10 +669,10 @@ def plan_launches(cfg: MoEConfig, dtype: torch.dtype, num_tokens: int, target: s
             addend = torch.empty(t, hidden, dtype=acc, device=meta) if cfg.num_shared_experts else None
             top_k = k
         out, h, pre = experts_fwd_impl(x, weights, addend, order, counts, slot_of, w_up, w_down, b_up, b_down,
-                                       cfg.activation, top_k, cfg.deterministic, backward)
+                                       cfg.activation_key, top_k, cfg.deterministic, backward)
         if backward:
             experts_bwd_impl(torch.empty_like(out), x, weights, order, counts, slot_of, w_up, w_down, b_up, b_down,
-                             h, pre, cfg.activation, top_k, cfg.deterministic, True, not rows_mode, True)
+                             h, pre, cfg.activation_key, top_k, cfg.deterministic, True, not rows_mode, True)
     return launches
 
 

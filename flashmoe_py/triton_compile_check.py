@@ -8,8 +8,9 @@ argument types, constexprs, warps, stages) goes through `triton.compile(ASTSourc
 target=GPUTarget("cuda", cc, 32))`; ptxas -v on the resulting PTX gives registers and spills.
 
 The persistent fused kernel (fused_backend.plan_launches) is compiled for the cases in FUSED_CASES: world
-size 1 (the benchmark's shape, inference and training variants) and an 8-rank expert-parallel launch whose
-remote writes are NVSHMEM device calls, linked against the NVSHMEM device bitcode (kernels/nvshmem.py).
+size 1 (the benchmark's shape, inference and training variants, the training one with capacity) and an 8-rank
+expert-parallel launch whose remote writes are NVSHMEM device calls, linked against the NVSHMEM device bitcode
+(kernels/nvshmem.py).
 
 One row per kernel x case x arch x dtype: registers, shared memory, spill bytes, the matrix instructions
 the PTX uses (wgmma = Hopper warpgroup MMA, mma = mma.sync), and whether control flow is uniform (no branch
@@ -40,23 +41,41 @@ ARCHS = {"sm_90": 90, "sm_80": 80}
 SHARED_LIMIT = {"sm_90": 227 * 1024, "sm_80": 163 * 1024}
 DTYPES = ("fp32", "bf16", "fp16")
 BENCH_SHAPE = dict(hidden_size=2048, ffn_hidden_size=1408, num_experts=64, top_k=6)  # DESIGN §8's target
+# The parameterised activations, with the values of the families that use them (gpt-oss, DeepSeek-V4, Inkling2).
+ACTIVATION_VALUES = {"swiglu_oai": dict(swiglu_alpha=1.702, swiglu_limit=7.0),
+                     "swiglu_clamped": dict(swiglu_limit=10.0),
+                     "swiglu_softcap": dict(swiglu_gate_softcap=4.0, swiglu_up_softcap=25.0)}
 # (case, config overrides, tokens, backward, rows mode, caller routing): together they reach every kernel,
-# the gated and plain epilogues, both combines, both regimes' configs.
+# every activation's epilogues (forward and backward), both combines, both regimes' configs. A tuple of activations
+# plans the case once per activation: the first in every dtype, the others in EXTRA_ACTIVATION_DTYPES only (fp16 gets
+# bf16's tiles and code); launches that do not depend on the activation are compiled once.
+EXTRA_ACTIVATION_DTYPES = ("fp32", "bf16")
 CASES = (
-    ("train", dict(activation="swiglu", bias=True, capacity_factor=1.25), 16384, True, False, False),
-    ("train-nd", dict(activation="gelu", bias=True, score_func="sigmoid", expert_bias=True, num_expert_groups=8,
-                      topk_groups=4, deterministic=False, num_shared_experts=1), 16384, True, False, False),
-    ("ep-rows", dict(activation="geglu"), 16384, True, True, False),
+    ("train", dict(activation=("swiglu", "swiglu_oai"), bias=True, capacity_factor=1.25), 16384, True, False, False),
+    ("train-nd", dict(activation=("gelu", "relu2"), bias=True, score_func="sigmoid", expert_bias=True,
+                      num_expert_groups=8, topk_groups=4, deterministic=False, num_shared_experts=1), 16384, True,
+     False, False),
+    ("ep-rows", dict(activation=("geglu", "swiglu_clamped", "swiglu_softcap")), 16384, True, True, False),
     ("decode", dict(activation="swiglu"), 16, False, False, True),
 )
 # Fused kernel: (case, config overrides, tokens per rank, world size, puts, routing mode, save for backward,
 # dtypes, archs). "compute": router logits in the kernel (inference); "logits": given, pre-activations saved.
 FUSED_CASES = (
-    ("fused-w1", dict(activation="swiglu"), 16384, 1, "ptr", "compute", False, DTYPES, ("sm_90", "sm_80")),
-    ("fused-w1t", dict(activation="gelu", bias=True, num_shared_experts=1), 16384, 1, "ptr", "logits", True,
-     ("bf16",), ("sm_90",)),
+    ("fused-w1", dict(activation=("swiglu", "swiglu_oai", "swiglu_clamped", "swiglu_softcap")), 16384, 1, "ptr",
+     "compute", False, DTYPES, ("sm_90", "sm_80")),
+    ("fused-w1t", dict(activation=("gelu", "relu2", "swiglu_oai"), bias=True, num_shared_experts=1,
+                       capacity_factor=1.25), 16384, 1, "ptr", "logits", True, ("bf16", "fp32"), ("sm_90", "sm_80")),
     ("fused-ep8", dict(activation="swiglu"), 2048, 8, "nvshmem", "compute", False, ("bf16",), ("sm_90",)),
 )
+
+
+def case_configs(overrides: dict) -> list:
+    """The MoEConfigs of one case: BENCH_SHAPE with the overrides, once per activation it lists (in that order)."""
+    from .config import MoEConfig
+
+    acts = overrides.get("activation", "swiglu")
+    acts = (acts,) if isinstance(acts, str) else acts
+    return [MoEConfig(**BENCH_SHAPE, **{**overrides, "activation": a}, **ACTIVATION_VALUES.get(a, {})) for a in acts]
 
 
 def _plan(target: str):
@@ -64,7 +83,6 @@ def _plan(target: str):
     os.environ.pop("TRITON_INTERPRET", None)  # the gate compiles; the interpreter's kernels cannot be
     import torch
 
-    from .config import MoEConfig
     from .triton_backend import plan_launches
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -75,19 +93,24 @@ def _plan(target: str):
         if target not in archs:
             continue
         for dtype in dtypes:
-            cfg = MoEConfig(**BENCH_SHAPE, **overrides)
-            for launch in plan_fused(cfg, torch_dtype[dtype], tokens, target, world, puts, mode, save):
-                jobs.append((case, dtype, launch.name, launch.tags, _job(launch, target)))
+            for i, cfg in enumerate(case_configs(overrides)):
+                if i and dtype not in EXTRA_ACTIVATION_DTYPES:
+                    continue
+                for launch in plan_fused(cfg, torch_dtype[dtype], tokens, target, world, puts, mode, save):
+                    name = f"{launch.name}:{cfg.activation}"  # one launch per activation: say which
+                    jobs.append((case, dtype, name, launch.tags, _job(launch, target)))
     for dtype in DTYPES:
         for case, overrides, tokens, backward, rows_mode, given in CASES:
-            cfg = MoEConfig(**BENCH_SHAPE, **overrides)
-            for launch in plan_launches(cfg, torch_dtype[dtype], tokens, target, backward, rows_mode, given):
-                job = _job(launch, target)
-                key = (job["kernel"], repr(job["signature"]), repr(job["constexprs"]), job["options"]["num_warps"],
-                       job["options"]["num_stages"])
-                if key not in seen:
-                    seen.add(key)
-                    jobs.append((case, dtype, launch.name, launch.tags, job))
+            for i, cfg in enumerate(case_configs(overrides)):
+                if i and dtype not in EXTRA_ACTIVATION_DTYPES:
+                    continue
+                for launch in plan_launches(cfg, torch_dtype[dtype], tokens, target, backward, rows_mode, given):
+                    job = _job(launch, target)
+                    key = (job["kernel"], repr(job["signature"]), repr(job["constexprs"]),
+                           job["options"]["num_warps"], job["options"]["num_stages"])
+                    if key not in seen:
+                        seen.add(key)
+                        jobs.append((case, dtype, launch.name, launch.tags, job))
     return jobs
 
 
@@ -638,7 +661,7 @@ def main(argv=None) -> int:
     else:
         results = [_compile(r[-1]) for r in rows]
 
-    header = f"{'kernel':<14} {'case':<9} {'arch':<6} {'dtype':<5} {'regime':<8} {'config':<20} " \
+    header = f"{'kernel':<26} {'case':<9} {'arch':<6} {'dtype':<5} {'regime':<8} {'config':<20} " \
              f"{'regs':>4} {'smem KiB':>8} {'spills':>6} {'mma':<6} {'uniform':<7} verdict"
     print(header)
     print("-" * len(header))
@@ -666,7 +689,7 @@ def main(argv=None) -> int:
         else:
             regs, smem, spills, mma = res["regs"], f"{res['shared'] / 1024:.1f}", res["spills"], res["mma"]
             uniform = f"{len(res['uniform'])} bad" if res["uniform"] else "-" if "ptx_check" in res else "ok"
-        print(f"{name:<14} {case:<9} {target:<6} {dtype:<5} {tags.get('regime', '-'):<8} {tags.get('config', '-'):<20} "
+        print(f"{name:<26} {case:<9} {target:<6} {dtype:<5} {tags.get('regime', '-'):<8} {tags.get('config', '-'):<20} "
               f"{regs:>4} {smem:>8} {spills:>6} {mma:<6} {uniform:<7} {'; '.join(problems) or 'ok'}")
     _report_control_flow(rows, results)
     took = time.perf_counter() - start

@@ -48,6 +48,8 @@ def check_params(params: MoEParams, cfg: MoEConfig, x: torch.Tensor, num_local_e
     _check_tensor("params.router_weight", params.router_weight, (cfg.num_experts, h), x, None)
     _check_tensor("params.w_up", params.w_up, (el, h, cfg.up_size), x, x.dtype)
     _check_tensor("params.w_down", params.w_down, (el, i, h), x, x.dtype)
+    if _check_presence("router_bias", params.router_bias, cfg.router_bias, "router_bias"):
+        _check_tensor("params.router_bias", params.router_bias, (cfg.num_experts,), x, None)
     if _check_presence("expert_bias", params.expert_bias, cfg.expert_bias, "expert_bias"):
         _check_tensor("params.expert_bias", params.expert_bias, (cfg.num_experts,), x, None)
     if _check_presence("b_up", params.b_up, cfg.bias, "bias"):

@@ -75,31 +75,43 @@ FUSED = {
     ("sm_80", "prefill"): {2: (128, 64, 32, 64, 32, 8, 3), 4: (64, 32, 32, 64, 32, 4, 3)},
     ("sm_80", "decode"): {2: (16, 64, 128, 64, 128, 4, 3), 4: (16, 64, 64, 64, 64, 4, 3)},
 }
+# With a parameterised gated activation (swiglu_oai, swiglu_clamped, swiglu_softcap) the up-GEMM epilogue needs a
+# few registers more than sm_90's 16-bit prefill tile leaves (Triton 3.6 spilled 16-32 B; 3.9 did not): half as
+# many up columns per tile there.
+FUSED_PARAM_ACT = {("sm_90", "prefill"): {2: (128, 32, 64, 64, 64, 8, 3)},
+                   ("sm_80", "prefill"): {2: (128, 32, 32, 64, 32, 8, 3)}}
 FUSED_FP64 = (32, 32, 16, 32, 16, 4, 2)
 FUSED_INTERPRETER = (16, 16, 16, 16, 16, 1, 1)
 # Its other blocks: BT tokens per route/dispatch task (at least 16, the router dot's M; fewer as E grows),
 # BTC tokens per combine task, BR x BH element blocks of packet copies and of the combine, CB rows of the
 # block table per step of the routing barrier's scan, TN0 / TN1 column tiles per GEMM0 / GEMM1 task (a task
-# claims, decodes its row tile and signals once for all of them: a 128x64 tile is only microseconds of work).
+# claims, decodes its row tile and signals once for all of them: a 128x64 tile is only microseconds of work),
+# BRS sorted rows per capacity stage task ranked BCS rows of their expert at a time.
 FUSED_AUX = {
-    "sm_90": {"route_elems": 2048, "BTC": 16, "BR": 16, "BH": 128, "CB": 32, "TN0": 4, "TN1": 4},
-    "sm_80": {"route_elems": 2048, "BTC": 16, "BR": 16, "BH": 128, "CB": 32, "TN0": 4, "TN1": 4},
-    "interpreter": {"route_elems": 128, "BTC": 16, "BR": 16, "BH": 16, "CB": 16, "TN0": 2, "TN1": 2},
+    "sm_90": {"route_elems": 2048, "BTC": 16, "BR": 16, "BH": 128, "CB": 32, "TN0": 4, "TN1": 4, "BRS": 32,
+              "BCS": 64},
+    "sm_80": {"route_elems": 2048, "BTC": 16, "BR": 16, "BH": 128, "CB": 32, "TN0": 4, "TN1": 4, "BRS": 32,
+              "BCS": 64},
+    "interpreter": {"route_elems": 128, "BTC": 16, "BR": 16, "BH": 16, "CB": 16, "TN0": 2, "TN1": 2, "BRS": 16,
+                    "BCS": 16},
 }
 FUSED_MIN_BLOCK_M = 16  # the smallest BLOCK_M above: sizes the tile counters of the persistent state
 FUSED_MIN_BT = 16
 
 
-def fused_config(target: str, regime_name: str, itemsize: int,
-                 puts: str = "ptr") -> tuple[int, int, int, int, int, int, int]:
+def fused_config(target: str, regime_name: str, itemsize: int, puts: str = "ptr",
+                 param_act: bool = False) -> tuple[int, int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N0, BLOCK_K0, BLOCK_N1, BLOCK_K1, num_warps, num_stages) of the fused kernel. With NVSHMEM
-    puts the library's device code raises register pressure: narrower tiles there (the "nvshmem" row)."""
+    puts the library's device code raises register pressure: narrower tiles there (the "nvshmem" row); so does a
+    parameterised gated activation (param_act: FUSED_PARAM_ACT)."""
     if target == "interpreter":
         return FUSED_INTERPRETER
     if itemsize == 8:
         return FUSED_FP64
     if puts == "nvshmem" and (target, "nvshmem") in FUSED:
         return FUSED[(target, "nvshmem")][itemsize]
+    if param_act and itemsize in FUSED_PARAM_ACT.get((target, regime_name), {}):
+        return FUSED_PARAM_ACT[(target, regime_name)][itemsize]
     return FUSED[(target, regime_name)][itemsize]
 
 

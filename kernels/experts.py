@@ -8,7 +8,7 @@ gathered copy of x is ever made. Without GATHER the rows are already grouped (th
 
   up_tile, gemm_tile the tile loops (helpers, also called by the fused kernel)
   row_offset, expert_offset  int64 element offsets of rows and expert slabs (helpers, see row_offset)
-  up_kernel          pre = x[rows] @ w_up[e] + b_up[e];  h = act(gate) * up  or  act(pre)
+  up_kernel          pre = x[rows] @ w_up[e] + b_up[e];  h = glu(gate, up)  or  act(pre)  (common.expert_act)
   rows_gemm_kernel   out = (a[rows] @ B[e] + bias[e]) * weight[row], stored by row or added to its token
   act_grad_kernel    u = g[token] @ w_down[e]^T; weight gradient <u, h> + <g, b_down>; dpre = dact(u * weight)
   weight_grad_kernel dW[e] = A[rows]^T @ B[rows] (optionally gathered / scaled), db[e] = column sums of B
@@ -25,7 +25,7 @@ multiplies the raw bit patterns of bf16 (Triton issue 11584).
 import triton
 import triton.language as tl
 
-from .common import act_fwd, act_grad, expert_rows, expert_tile
+from .common import act_fwd, act_grad, act_has_params, expert_act, expert_rows, expert_tile, glu_fwd, glu_grad
 
 
 @triton.jit
@@ -176,9 +176,7 @@ def up_kernel(
         tl.store(pre_ptrs, acc_g.to(out_ty), mask=mask)
         if GATED:
             tl.store(pre_ptrs + INNER, acc_u.to(out_ty), mask=mask)
-    h = act_fwd(acc_g, ACT)
-    if GATED:
-        h = h * acc_u
+    h = expert_act(acc_g, acc_u, ACT, GATED)
     tl.store(h_ptr + row_offset(rows, INNER)[:, None] + cols[None, :], h.to(out_ty), mask=mask)
 
 
@@ -244,7 +242,8 @@ def act_grad_kernel(
     """Backward through the down projection and the activation, for one tile of rows x inner columns.
 
     u = g[token] @ w_down[e]^T (the gradient of the unweighted expert output y, g gathered by token);
-    dh = u * weight; dpre = dact(pre) applied to dh (gated: d gate = dh * up * act'(gate), d up = dh * act(gate)).
+    dh = u * weight; dpre = dact(pre) applied to dh (gated: d gate = dh * dh/dgate, d up = dh * dh/dup, from
+    common.glu_grad).
     DW: the routing-weight gradient <g_t, y_row> = <u, h> + <g_t, b_down[e]> is reduced per tile into
     dw[assignment, pid_n] (the bias term goes to column 0); the host sums the NT columns in a fixed order.
     h is recomputed from pre in fp32 here rather than read back.
@@ -296,12 +295,16 @@ def act_grad_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     pre_ptrs = pre_ptr + row_offset(rows, n_up)[:, None] + cols[None, :]
     gate = tl.load(pre_ptrs, mask=mask, other=0.0).to(acc_ty)
-    a_gate = act_fwd(gate, ACT)
     if GATED:
         up = tl.load(pre_ptrs + INNER, mask=mask, other=0.0).to(acc_ty)
-        h = a_gate * up
+        h = glu_fwd(gate, up, ACT)
+        if act_has_params(ACT):
+            # A parameterised activation's derivatives right away, so that h, dh/dgate and dh/dup, not the
+            # pre-activations and the activation's intermediates, stay live across the weight-gradient reduction
+            # (they spilled otherwise). swiglu and geglu keep the order and form below, which spill less for them.
+            d_gate, d_up = glu_grad(gate, up, ACT)
     else:
-        h = a_gate
+        h = act_fwd(gate, ACT)
     if DW:
         part = tl.sum(tl.where(mask, acc * h, 0.0), 1)
         if HAS_BIAS:
@@ -313,8 +316,12 @@ def act_grad_kernel(
     out_ty = dpre_ptr.dtype.element_ty
     dpre_ptrs = dpre_ptr + row_offset(rows, n_up)[:, None] + cols[None, :]
     if GATED:
-        tl.store(dpre_ptrs, (acc * up * act_grad(gate, ACT)).to(out_ty), mask=mask)
-        tl.store(dpre_ptrs + INNER, (acc * a_gate).to(out_ty), mask=mask)
+        if act_has_params(ACT):
+            tl.store(dpre_ptrs, (acc * d_gate).to(out_ty), mask=mask)
+            tl.store(dpre_ptrs + INNER, (acc * d_up).to(out_ty), mask=mask)
+        else:  # act(gate) * up
+            tl.store(dpre_ptrs, (acc * up * act_grad(gate, ACT)).to(out_ty), mask=mask)
+            tl.store(dpre_ptrs + INNER, (acc * act_fwd(gate, ACT)).to(out_ty), mask=mask)
     else:
         tl.store(dpre_ptrs, (acc * act_grad(gate, ACT)).to(out_ty), mask=mask)
 

@@ -40,7 +40,7 @@ another there (each phase only waits on earlier phases, or on peer processes, wh
 GPUs run PHASE = ALL. Remote writes: PUTS = "ptr" stores through peer-mapped addresses (the shm heap, or
 NVLink peers of an NVSHMEM heap); PUTS = "nvshmem" calls nvshmemx_putmem_signal_nbi_block (kernels/nvshmem.py).
 
-Heap addressing (flashmoe_py/dist/layout.py): heap_rows / heap_words are this rank's segment viewed as
+Heap addressing (flashmoe_py/parallel/layout.py): heap_rows / heap_words are this rank's segment viewed as
 the layer dtype / int64; a peer's copy of an offset is at `+ rows_delta[peer]` / `+ words_delta[peer]`
 elements (ptr), or at the same symmetric address on PE `peer` (nvshmem, addresses from heap_addr).
 """
@@ -49,8 +49,8 @@ import triton
 import triton.language as tl
 
 from . import nvshmem
-from .common import act_fwd
-from .experts import gemm_tile, up_tile
+from .common import expert_act
+from .experts import gemm_tile, row_offset, up_tile
 from .routing import select_topk
 
 # PHASE values (the host uses PHASES)
@@ -63,7 +63,8 @@ _GEMM1 = tl.constexpr(4)
 _COMBINE = tl.constexpr(5)
 
 # sync words (int32): header, then two halves of per-launch counters. Half layout (offsets in a half):
-#   CLAIM[5] task claim counters per phase, ROUTE_DONE, ROUTED flag, DONE (finished programs),
+#   CLAIM[5] task claim counters per phase, ROUTE_DONE, ROUTED flag, DONE (finished programs), STAGE_CLAIM and
+#   ORDERED (capacity: stage-task claims, finished order tasks),
 #   READY[W] source s decoded, WRITTEN[E] rows staged per global expert, PKT[E] finished GEMM1 tiles per
 #   received packet (source * E_local + expert), RCOUNT[E] the received packet counts (copied by RECV: a
 #   peer that has finished this launch may already overwrite its signal words with the next launch's),
@@ -76,12 +77,15 @@ _CLAIM = tl.constexpr(0)
 _ROUTE_DONE = tl.constexpr(5)
 _ROUTED = tl.constexpr(6)
 _DONE = tl.constexpr(7)
-_READY = tl.constexpr(8)
+_STAGE_CLAIM = tl.constexpr(8)
+_ORDERED = tl.constexpr(9)
+_READY = tl.constexpr(10)
+_FIXED_WORDS = 10
 
 
 def half_words(world: int, num_experts: int, max_tiles: int) -> int:
     """int32 words of one half of `sync` (READY, WRITTEN, PKT, RCOUNT and TILE follow the fixed counters)."""
-    return SYNC_HEADER + world + 3 * num_experts + max_tiles
+    return _FIXED_WORDS + world + 3 * num_experts + max_tiles
 
 
 # Status codes (status[0]); the host names them.
@@ -348,12 +352,14 @@ def _route_task(b, x_ptr, router_ptr, ebias_ptr, logits_ptr, ids_ptr, wts_ptr, s
 
 @triton.jit
 def _finish_routing(half, table_ptr, part_ptr, counts_ptr, gstart_ptr, stats_ptr, loss_ptr,
-                    heap_words, words_delta_ptr, heap_addr, NB, T, me, seq, sig0, lb_coef, z_coef,
+                    heap_words, words_delta_ptr, heap_addr, NB, T, me, seq, sig0, lb_coef, z_coef, cap,
                     ROUTING: tl.constexpr, PUTS: tl.constexpr, E: tl.constexpr, EL: tl.constexpr, W: tl.constexpr,
                     TOPK: tl.constexpr, ROW_BYTES: tl.constexpr, E_PAD: tl.constexpr, W_PAD: tl.constexpr,
-                    CB: tl.constexpr):
+                    CB: tl.constexpr, CAPACITY: tl.constexpr):
     """Run by the last route task: block table -> exclusive per-block offsets, counts and gstart (first sorted
-    row of each expert); stats and losses; signal every empty packet; then raise the `routed` flag."""
+    row of each expert); stats and losses; signal every empty packet; then raise the `routed` flag.
+    CAPACITY: counts are min(assignments, cap) and gstart their offsets; the dropless counts and offsets (what
+    the order tasks sort by) go to counts_ptr + 2E and + 3E."""
     tl.debug_barrier()  # the acquiring arrival was one thread's: order every thread's reads after it
     ex = tl.arange(0, E_PAD)
     ex_ok = ex < E
@@ -366,7 +372,13 @@ def _finish_routing(half, table_ptr, part_ptr, counts_ptr, gstart_ptr, stats_ptr
         tile = tl.load(ptrs, mask=m, other=0)
         tl.store(ptrs, tl.cumsum(tile, 0) - tile + running[None, :], mask=m)
         running += tl.sum(tile, 0)
-    counts = running
+    counts_all = running
+    if CAPACITY:
+        tl.store(counts_ptr + 2 * E + ex, counts_all, mask=ex_ok)
+        tl.store(counts_ptr + 3 * E + ex, tl.cumsum(counts_all, 0) - counts_all, mask=ex_ok)
+        counts = tl.minimum(counts_all, cap)
+    else:
+        counts = counts_all
     gstart = tl.cumsum(counts, 0) - counts
     tl.store(counts_ptr + ex, counts, mask=ex_ok)
     tl.store(gstart_ptr + ex, gstart, mask=ex_ok)
@@ -374,7 +386,7 @@ def _finish_routing(half, table_ptr, part_ptr, counts_ptr, gstart_ptr, stats_ptr
     # stats: tokens_per_expert [E], dropped, bytes_sent (the dispatch part; RECV adds the return part),
     # rows_per_peer [W]
     tl.store(stats_ptr + ex, counts.to(tl.int64), mask=ex_ok)
-    tl.store(stats_ptr + E, 0)
+    tl.store(stats_ptr + E, tl.sum(counts_all - counts, 0).to(tl.int64))
     owner = ex // EL
     wx = tl.arange(0, W_PAD)
     per_peer = tl.sum(tl.where((owner[None, :] == wx[:, None]) & ex_ok[None, :], counts[None, :], 0), 1)
@@ -395,7 +407,7 @@ def _finish_routing(half, table_ptr, part_ptr, counts_ptr, gstart_ptr, stats_ptr
                                     mask=(blk < NB)[:, None] & ex_ok[None, :], other=0.0), 0)
             z_sum += tl.load(part_ptr + blk * (E + 1) + E, mask=blk < NB, other=0.0)
         t_den = tl.maximum(T, 1).to(acc_ty)
-        f = counts.to(acc_ty) / (t_den * TOPK)
+        f = counts_all.to(acc_ty) / (t_den * TOPK)  # before capacity, as the Triton backend's loss
         lb = E * tl.sum(f * (p_sum / t_den), 0)
         z = tl.sum(z_sum, 0) / t_den
         lb = tl.where(T > 0, lb, 0.0)
@@ -425,9 +437,11 @@ def _dispatch_task(b, x_ptr, ids_ptr, order_ptr, slot_ptr, table_ptr, counts_ptr
                    T, H, me, seq, slab_elems, data0, sig0,
                    PUTS: tl.constexpr, E: tl.constexpr, EL: tl.constexpr, W: tl.constexpr, TOPK: tl.constexpr,
                    ITEM: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr, BT: tl.constexpr,
-                   BR: tl.constexpr, BH: tl.constexpr):
+                   BR: tl.constexpr, BH: tl.constexpr, ORDER_ONLY: tl.constexpr):
     """Sorted positions of the block's assignments (order, slot_of), rows for other ranks staged in this rank's
-    DISPATCH slab for itself; the task that completes a packet (all its rows staged) puts and signals it."""
+    DISPATCH slab for itself; the task that completes a packet (all its rows staged) puts and signals it.
+    ORDER_ONLY (capacity): only the dropless order, into the scratch order_ptr, by the dropless offsets gstart_ptr;
+    the stage tasks rank, place, stage and put."""
     rows = b.to(tl.int64) * BT + tl.arange(0, BT)
     row_ok = rows < T
     ex = tl.arange(0, E_PAD)
@@ -452,16 +466,31 @@ def _dispatch_task(b, x_ptr, ids_ptr, order_ptr, slot_ptr, table_ptr, counts_ptr
         own += sel.to(tl.int32)
         a = rows * TOPK + j
         tl.store(order_ptr + pos, a.to(tl.int32), mask=row_ok)
-        tl.store(slot_ptr + a, pos, mask=row_ok)
-        if W > 1:
+        if not ORDER_ONLY:
+            tl.store(slot_ptr + a, pos, mask=row_ok)
+        if (W > 1) and (not ORDER_ONLY):
             remote = row_ok & (e_j // EL != me)
             for c0 in range(0, H, BH):
                 cols = c0 + c
                 m = remote[:, None] & (cols < H)[None, :]
                 v = tl.load(x_ptr + rows[:, None] * H + cols[None, :], mask=m)
                 tl.store(stage + pos.to(tl.int64)[:, None] * H + cols[None, :], v, mask=m)
-    tl.debug_barrier()
-    n_b = tl.sum(hits, 0)
+    if not ORDER_ONLY:
+        tl.debug_barrier()
+        _complete_packets(tl.sum(hits, 0), counts_ptr, gstart_ptr, half, heap_rows, heap_words, rows_delta_ptr,
+                          words_delta_ptr, heap_addr, H, me, seq, slab_elems, data0, sig0,
+                          PUTS, E, EL, W, ITEM, E_PAD, BR, BH)
+
+
+@triton.jit
+def _complete_packets(n_b, counts_ptr, gstart_ptr, half, heap_rows, heap_words, rows_delta_ptr, words_delta_ptr,
+                      heap_addr, H, me, seq, slab_elems, data0, sig0,
+                      PUTS: tl.constexpr, E: tl.constexpr, EL: tl.constexpr, W: tl.constexpr, ITEM: tl.constexpr,
+                      E_PAD: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr):
+    """n_b [E_PAD] rows this task staged per global expert: counted into WRITTEN; the task whose rows complete a
+    packet (WRITTEN reaches counts[e]) signals it (own rank) or puts it with its signal (other ranks)."""
+    ex = tl.arange(0, E_PAD)
+    ex_ok = ex < E
     old = tl.atomic_add(half + _READY + W + ex, n_b, mask=ex_ok & (n_b > 0), sem="acq_rel", scope="sys")
     counts = tl.load(counts_ptr + ex, mask=ex_ok, other=0)
     done = ex_ok & (n_b > 0) & (old + n_b == counts)
@@ -483,6 +512,60 @@ def _dispatch_task(b, x_ptr, ids_ptr, order_ptr, slot_ptr, table_ptr, counts_ptr
                                 row_start(slab_start(data0, me, slab_elems), g0, H),
                                 row_start(slab_start(data0, me, slab_elems), g0 - d0, H), n, H,
                                 idx, word, PUTS, ITEM, BR, BH)
+
+
+@triton.jit
+def _stage_task(r, x_ptr, ids_ptr, wts_ptr, dl_order_ptr, order_ptr, slot_ptr, counts_ptr, gstart_ptr, half,
+                heap_rows, heap_words, rows_delta_ptr, words_delta_ptr, heap_addr,
+                T, H, me, seq, slab_elems, data0, sig0, cap,
+                PUTS: tl.constexpr, E: tl.constexpr, EL: tl.constexpr, W: tl.constexpr, TOPK: tl.constexpr,
+                ITEM: tl.constexpr, E_PAD: tl.constexpr, BRS: tl.constexpr, BCS: tl.constexpr,
+                BR: tl.constexpr, BH: tl.constexpr):
+    """Capacity (DESIGN §2.4): rows [r*BRS, r*BRS+BRS) of the dropless order, each ranked within its expert's
+    segment (weight descending, then lower assignment index = token; NaN first, as torch.sort) as the Triton
+    backend's capacity kernel ranks; the `cap` best of each expert are kept at gstart[e] + rank (so an expert's
+    rows lie in rank order), the others get slot -1. Rows for other ranks are staged; the task completing a
+    packet puts and signals it. Work: the sum over experts of count^2, BRS x BCS at a time."""
+    n_all = T * TOPK
+    rows = r * BRS + tl.arange(0, BRS)
+    row_ok = rows < n_all
+    a = tl.load(dl_order_ptr + rows, mask=row_ok, other=0)
+    e = tl.load(ids_ptr + a, mask=row_ok, other=0).to(tl.int32)
+    w = tl.load(wts_ptr + a, mask=row_ok, other=0.0)
+    w = tl.where(w != w, float("inf"), w)
+    seg_lo = tl.load(counts_ptr + 3 * E + e, mask=row_ok, other=0)  # dropless offsets and counts
+    seg_hi = seg_lo + tl.load(counts_ptr + 2 * E + e, mask=row_ok, other=0)
+    lo = tl.min(tl.where(row_ok, seg_lo, n_all), 0)
+    hi = tl.max(tl.where(row_ok, seg_hi, 0), 0)
+    rank = tl.zeros((BRS,), tl.int32)
+    for c0 in range(lo, hi, BCS):
+        cols = c0 + tl.arange(0, BCS)
+        col_ok = cols < hi
+        a_c = tl.load(dl_order_ptr + cols, mask=col_ok, other=0)
+        e_c = tl.load(ids_ptr + a_c, mask=col_ok, other=-1).to(tl.int32)
+        w_c = tl.load(wts_ptr + a_c, mask=col_ok, other=0.0)
+        w_c = tl.where(w_c != w_c, float("inf"), w_c)
+        ahead = (w_c[None, :] > w[:, None]) | ((w_c[None, :] == w[:, None]) & (a_c[None, :] < a[:, None]))
+        rank += tl.sum(((e_c[None, :] == e[:, None]) & col_ok[None, :] & ahead).to(tl.int32), 1)
+    kept = row_ok & (rank < cap)
+    pos = tl.load(gstart_ptr + e, mask=row_ok, other=0) + rank
+    tl.store(order_ptr + pos, a, mask=kept)
+    tl.store(slot_ptr + a, tl.where(kept, pos, -1), mask=row_ok)
+    if W > 1:
+        stage = heap_rows + slab_start(data0, me, slab_elems)
+        remote = kept & (e // EL != me)
+        tok = a // TOPK
+        c = tl.arange(0, BH)
+        for c0 in range(0, H, BH):
+            cols = c0 + c
+            m = remote[:, None] & (cols < H)[None, :]
+            v = tl.load(x_ptr + row_offset(tok, H)[:, None] + cols[None, :], mask=m)
+            tl.store(stage + row_offset(pos, H)[:, None] + cols[None, :], v, mask=m)
+    tl.debug_barrier()
+    ex = tl.arange(0, E_PAD)
+    n_b = tl.sum(((e[:, None] == ex[None, :]) & kept[:, None]).to(tl.int32), 0)
+    _complete_packets(n_b, counts_ptr, gstart_ptr, half, heap_rows, heap_words, rows_delta_ptr, words_delta_ptr,
+                      heap_addr, H, me, seq, slab_elems, data0, sig0, PUTS, E, EL, W, ITEM, E_PAD, BR, BH)
 
 
 @triton.jit
@@ -609,9 +692,7 @@ def _gemm0_task(g, n_lo, n_hi, s, el, m, n_e, pst, hbase, half, x_ptr, order_ptr
             tl.store(pre_ptrs, acc_g.to(out_ty), mask=mask)
             if GATED:
                 tl.store(pre_ptrs + INNER, acc_u.to(out_ty), mask=mask)
-        h = act_fwd(acc_g, ACT)
-        if GATED:
-            h = h * acc_u
+        h = expert_act(acc_g, acc_u, ACT, GATED)
         tl.store(h_ptr + hrow[:, None] * INNER + cols[None, :], h.to(out_ty), mask=mask)
     tl.debug_barrier()
     tl.atomic_add(half + _READY + W + 3 * (W * EL) + g, n_hi - n_lo, sem="release", scope="gpu")
@@ -671,7 +752,7 @@ def _combine_task(c, sync_ptr, status_addr, out_ptr, ids_ptr, wts_ptr, slot_ptr,
                   heap_words, T, H, me, seq, slab_elems, data1, sig1, limit,
                   USE_TIMER: tl.constexpr, E: tl.constexpr, EL: tl.constexpr, TOPK: tl.constexpr,
                   HAS_ADDEND: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr, BTC: tl.constexpr,
-                  BH: tl.constexpr, clock, WAIT_LANES: tl.constexpr):
+                  BH: tl.constexpr, clock, WAIT_LANES: tl.constexpr, CAPACITY: tl.constexpr):
     """out[t] = sum_j w_tj * y_tj (+ addend[t]) for tokens [c*BTC, c*BTC+BTC), in fp32 (fp64) and slot order,
     after every result packet of this launch has arrived (RETURN slot (o, e) is word o*E_local + e = e_global)."""
     arrived, slot, seen, _ = _wait_words(heap_words + sig1, E, seq, sync_ptr, limit, USE_TIMER, clock, WAIT_LANES)
@@ -696,7 +777,12 @@ def _combine_task(c, sync_ptr, status_addr, out_ptr, ids_ptr, wts_ptr, slot_ptr,
         for j in tl.static_range(TOPK):
             b_j = tl.sum(tl.where((kx == j)[None, :], base, 0), 1)
             w_j = tl.sum(tl.where((kx == j)[None, :], wts, 0.0), 1)
-            y = tl.load(heap_rows + b_j[:, None] + cols[None, :], mask=mask, other=0.0)
+            if CAPACITY:  # a dropped assignment (slot -1) contributes nothing
+                kept_j = tl.sum(tl.where((kx == j)[None, :], slots, 0), 1) >= 0
+                w_j = tl.where(kept_j, w_j, 0.0)
+                y = tl.load(heap_rows + b_j[:, None] + cols[None, :], mask=mask & kept_j[:, None], other=0.0)
+            else:
+                y = tl.load(heap_rows + b_j[:, None] + cols[None, :], mask=mask, other=0.0)
             acc += w_j.to(acc_ty)[:, None] * y.to(acc_ty)
         if HAS_ADDEND:
             acc += tl.load(addend_ptr + rows[:, None] * H + cols[None, :], mask=mask, other=0.0).to(acc_ty)
@@ -709,7 +795,7 @@ def _combine_task(c, sync_ptr, status_addr, out_ptr, ids_ptr, wts_ptr, slot_ptr,
 
 # Integer arguments whose value changes between calls or ranks are not specialised (a value of 1 would
 # otherwise become a compile-time constant: a new compile, and constants where loops need tensors).
-NO_SPECIALIZE = ("T", "me", "NB", "NC", "nprog", "HALF", "G_MAX", "slab_rows", "sig0", "sig1", "limit")
+NO_SPECIALIZE = ("T", "me", "NB", "NC", "nprog", "HALF", "G_MAX", "slab_rows", "sig0", "sig1", "limit", "cap", "NS")
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
@@ -733,6 +819,7 @@ def fused_moe_kernel(
     # sizes and layout
     T, H, INNER, me, NB, NC, nprog, HALF, G_MAX, slab_rows, slab_elems, data0, data1, sig0, sig1, limit,
     scale_hi, scale_lo, lb_coef, z_coef,
+    dl_order_ptr, cap, NS,  # capacity: dropless order scratch [T*K] int32, rows kept per expert, stage tasks
     PHASE: tl.constexpr, ROUTING: tl.constexpr, PUTS: tl.constexpr, USE_TIMER: tl.constexpr, WAIT_LANES: tl.constexpr,
     E: tl.constexpr, EL: tl.constexpr, W: tl.constexpr, TOPK: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr, SAVE_PRE: tl.constexpr, NATIVE_DOT: tl.constexpr,
@@ -742,7 +829,7 @@ def fused_moe_kernel(
     BT: tl.constexpr, BTC: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, CB: tl.constexpr,
     BM: tl.constexpr, BN0: tl.constexpr, BK0: tl.constexpr, BN1: tl.constexpr, BK1: tl.constexpr,
     TN0: tl.constexpr, TN1: tl.constexpr, EVEN_K0: tl.constexpr, EVEN_K1: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, CAPACITY: tl.constexpr, BRS: tl.constexpr, BCS: tl.constexpr,
 ):
     """One MoE layer forward on this rank (module docstring); PHASE = 0 runs all of it in one launch."""
     epoch = tl.load(sync_ptr + _EPOCH)
@@ -772,22 +859,44 @@ def fused_moe_kernel(
             finished = tl.atomic_add(half + _ROUTE_DONE, 1, sem="acq_rel", scope="sys")
             if finished == NB - 1:
                 _finish_routing(half, table_ptr, part_ptr, counts_ptr, gstart_ptr, stats_ptr, loss_ptr,
-                                heap_words, words_delta_ptr, heap_addr, NB, T, me, seq, sig0, lb_coef, z_coef,
-                                ROUTING, PUTS, E, EL, W, TOPK, ROW_BYTES, E_PAD, W_PAD, CB)
+                                heap_words, words_delta_ptr, heap_addr, NB, T, me, seq, sig0, lb_coef, z_coef, cap,
+                                ROUTING, PUTS, E, EL, W, TOPK, ROW_BYTES, E_PAD, W_PAD, CB, CAPACITY)
             t = tl.atomic_add(half + _CLAIM + 0, 1)
 
     if (PHASE == _ALL) or (PHASE == _DISPATCH):
+        # Capacity: these tasks only sort (the dropless order, into dl_order); the stage tasks below rank, keep,
+        # place, stage and put, once every order task is done (they are claimed after all of them).
         t = tl.atomic_add(half + _CLAIM + 1, 1)
         while t < NB:
             n_tasks += 1
             if _wait_counter(half + _ROUTED, 1, sync_ptr, limit, USE_TIMER, clock):
-                _dispatch_task(t, x_ptr, ids_ptr, order_ptr, slot_ptr, table_ptr, counts_ptr, gstart_ptr, half,
-                               heap_rows, heap_words, rows_delta_ptr, words_delta_ptr, heap_addr,
-                               T, H, me, seq, slab_elems, data0, sig0,
-                               PUTS, E, EL, W, TOPK, ITEM, E_PAD, K_PAD, BT, BR, BH)
+                if CAPACITY:
+                    _dispatch_task(t, x_ptr, ids_ptr, dl_order_ptr, slot_ptr, table_ptr, counts_ptr,
+                                   counts_ptr + 3 * E, half, heap_rows, heap_words, rows_delta_ptr, words_delta_ptr,
+                                   heap_addr, T, H, me, seq, slab_elems, data0, sig0,
+                                   PUTS, E, EL, W, TOPK, ITEM, E_PAD, K_PAD, BT, BR, BH, True)
+                    tl.debug_barrier()
+                    tl.atomic_add(half + _ORDERED, 1, sem="release", scope="gpu")
+                else:
+                    _dispatch_task(t, x_ptr, ids_ptr, order_ptr, slot_ptr, table_ptr, counts_ptr, gstart_ptr, half,
+                                   heap_rows, heap_words, rows_delta_ptr, words_delta_ptr, heap_addr,
+                                   T, H, me, seq, slab_elems, data0, sig0,
+                                   PUTS, E, EL, W, TOPK, ITEM, E_PAD, K_PAD, BT, BR, BH, False)
             else:
                 _fail(sync_ptr, status_addr, _ST_LOCAL, me, me, 0, -1, 1, 0)
             t = tl.atomic_add(half + _CLAIM + 1, 1)
+        if CAPACITY:
+            t = tl.atomic_add(half + _STAGE_CLAIM, 1)
+            while t < NS:
+                n_tasks += 1
+                if _wait_counter(half + _ORDERED, NB, sync_ptr, limit, USE_TIMER, clock):
+                    _stage_task(t, x_ptr, ids_ptr, wts_ptr, dl_order_ptr, order_ptr, slot_ptr, counts_ptr,
+                                gstart_ptr, half, heap_rows, heap_words, rows_delta_ptr, words_delta_ptr, heap_addr,
+                                T, H, me, seq, slab_elems, data0, sig0, cap,
+                                PUTS, E, EL, W, TOPK, ITEM, E_PAD, BRS, BCS, BR, BH)
+                else:
+                    _fail(sync_ptr, status_addr, _ST_LOCAL, me, me, 4, -1, NB, 0)
+                t = tl.atomic_add(half + _STAGE_CLAIM, 1)
 
     if (PHASE == _ALL) or (PHASE == _GEMM0):
         c = tl.atomic_add(half + _CLAIM + 2, 1)
@@ -845,7 +954,7 @@ def fused_moe_kernel(
             n_tasks += 1
             _combine_task(c, sync_ptr, status_addr, out_ptr, ids_ptr, wts_ptr, slot_ptr, gstart_ptr, addend_ptr,
                           heap_rows, heap_words, T, H, me, seq, slab_elems, data1, sig1, limit,
-                          USE_TIMER, E, EL, TOPK, HAS_ADDEND, E_PAD, K_PAD, BTC, BH, clock, WAIT_LANES)
+                          USE_TIMER, E, EL, TOPK, HAS_ADDEND, E_PAD, K_PAD, BTC, BH, clock, WAIT_LANES, CAPACITY)
             c = tl.atomic_add(half + _CLAIM + 4, 1)
         if PUTS == "nvshmem":
             nvshmem.quiet()

@@ -1,5 +1,6 @@
 """Shared fixtures: a fresh random seed per test (printed, so a failure can be replayed with
-FLASHMOE_TEST_SEED=<seed>), and the skip rule for tests that need hardware this machine lacks."""
+FLASHMOE_TEST_SEED=<seed>), the skip rule for tests that need hardware this machine lacks, and the interpreter
+for Triton on a machine without a GPU."""
 
 from __future__ import annotations
 
@@ -8,6 +9,14 @@ import random
 
 import pytest
 import torch
+
+# Without a GPU every Triton kernel of the suite runs in the interpreter, and Triton must be imported in that mode
+# first: triton.jit decides at decoration time, Triton's own library (tl.cumsum, tl.sum, ...) included, and an
+# interpreted kernel cannot call a library function decorated for compiling. Test modules that happened to import
+# triton before another set the variable broke every interpreter test after them. What compiles for sm_90
+# without a GPU runs in processes of its own (make compile-check, tests/ptx_probe.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 import flashmoe_py as fm
-from flashmoe_py.dist import ExchangeTimeout, ExpertParallel, HeapOverflow
+from flashmoe_py.parallel import ExchangeTimeout, ExpertParallel, HeapOverflow
 from tests.helpers import random_params
 from tests.tolerances import assert_close
 
@@ -282,7 +282,7 @@ def peer_skips_forward(ctx: Ctx):
 @scenario
 def construction_errors(ctx: Ctx):
     # bad expert-parallel arguments fail at construction with the argument named (DESIGN §9)
-    from flashmoe_py.dist import TransportUnavailable
+    from flashmoe_py.parallel import TransportUnavailable
     bad = [
         (dict(num_experts=7), {}, ValueError, "divisible by the expert-parallel world size"),
         (dict(num_experts=8), dict(transport="nvshmem"), TransportUnavailable, "needs CUDA"),
@@ -320,8 +320,8 @@ def triton_interpreter_puts_into_peer_heap(ctx: Ctx):
     import triton
     import triton.language as tl
 
-    from flashmoe_py.dist.layout import DISPATCH, HeapLayout
-    from flashmoe_py.dist.shm import ShmHeap
+    from flashmoe_py.parallel.layout import DISPATCH, HeapLayout
+    from flashmoe_py.parallel.shm import ShmHeap
 
     @triton.jit
     def put_packet(src_ptr, dst_address, signal_address, word, n, BLOCK: tl.constexpr):

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 import flashmoe_py as fm
 from flashmoe_py import fused_backend, interpreter_threads
-from flashmoe_py.dist import ExchangeTimeout, ExpertParallel, HeapOverflow
+from flashmoe_py.parallel import ExchangeTimeout, ExpertParallel, HeapOverflow
 from tests.ep_worker import Ctx, _data, _reference
 from tests.tolerances import assert_close
 
@@ -112,6 +112,41 @@ def sigmoid_grouped_shared_fp32(ctx: Ctx):
                        score_func="sigmoid", expert_bias=True, num_expert_groups=4, topk_groups=2,
                        routed_scaling_factor=2.5, num_shared_experts=1, shared_expert_gate=True)
     return _train_step(ctx, cfg, torch.float32, *_data(ctx, cfg, torch.float32, [7, 11, 5, 8], 12))
+
+
+@scenario
+def capacity_fp64(ctx: Ctx):
+    # Capacity in the kernel, per rank on its own tokens (the unfused path's semantics): each expert keeps its
+    # cfg.capacity(T_rank) best assignments of this rank's tokens, ranked on the device. cf=0.3 drops by
+    # construction (fewer slots than assignments). Kept flags, drops, bytes (kept rows only), an inference
+    # forward and a training step against the reference run rank by rank.
+    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2, capacity_factor=0.3,
+                       aux_loss_coef=0.1)
+    params, xs, gs = _data(ctx, cfg, torch.float64, [13, 6, 9, 4], 19)
+    r = ctx.rank
+    layer = _layer(ctx, cfg, torch.float64, params)
+    outs, xgrads, pgrads = _reference(cfg, params, xs, gs, per_rank=True)
+    refs = [fm.moe(x, params, cfg, backend="reference") for x in xs]
+    with torch.no_grad():
+        res = fm.moe(xs[r], layer, cfg, backend="fused", expert_parallel=layer.expert_parallel)
+    assert_close(res.out, outs[r], torch.float64, f"rank {r} inference out")
+    assert torch.equal(res.routing.kept, refs[r].routing.kept), "capacity kept different assignments"
+    assert int(res.stats.dropped) == int(refs[r].stats.dropped) > 0, (res.stats.dropped, refs[r].stats.dropped)
+    kept_ids = [ref.routing.topk_ids[ref.routing.kept] for ref in refs]
+    expect = _min_bytes(ctx, cfg, kept_ids, 8)
+    assert int(res.stats.bytes_sent) == expect, f"bytes_sent {int(res.stats.bytes_sent)} != minimum {expect}"
+    x = xs[r].clone().requires_grad_()
+    out = layer(x)
+    (out * gs[r]).sum().backward()
+    assert_close(out, outs[r], torch.float64, f"rank {r} out")
+    assert_close(x.grad, xgrads[r], torch.float64, f"rank {r} x.grad")
+    loc = ctx.local(cfg)
+    for name in ("w_up", "w_down"):
+        assert_close(getattr(layer, name).grad, pgrads[name][loc], torch.float64, f"rank {r} {name}.grad")
+    total = layer.router_weight.grad.detach().clone()
+    dist.all_reduce(total)
+    assert_close(total, pgrads["router_weight"], torch.float64, f"rank {r} router_weight.grad summed over ranks")
+    return {"dropped": int(res.stats.dropped), "bytes_sent": expect}
 
 
 @scenario

@@ -7,6 +7,24 @@ import torch
 
 from flashmoe_py import MoEConfig, MoEParams, moe
 
+# The parameterised activations (and relu2), with limits and caps that the unit-scale pre-activations of
+# random_params cross often (the families' own values, 7 to 25, would leave the clamps idle here).
+ACTIVATION_CONFIGS = {
+    # gpt-oss: clamped swiglu with alpha, expert biases, a router bias.
+    "swiglu_oai_router_bias": dict(hidden_size=12, ffn_hidden_size=10, num_experts=4, top_k=2,
+                                   activation="swiglu_oai", swiglu_alpha=1.702, swiglu_limit=0.9, bias=True,
+                                   router_bias=True),
+    # DeepSeek-V4: clamped silu gate, sigmoid scores, a shared expert with the same activation.
+    "swiglu_clamped_shared": dict(hidden_size=11, ffn_hidden_size=6, num_experts=5, top_k=2, score_func="sigmoid",
+                                  activation="swiglu_clamped", swiglu_limit=0.7, num_shared_experts=1),
+    # Inkling2: softcapped gate and up, capacity that drops.
+    "swiglu_softcap_capacity": dict(hidden_size=10, ffn_hidden_size=7, num_experts=4, top_k=2,
+                                    activation="swiglu_softcap", swiglu_gate_softcap=1.3, swiglu_up_softcap=0.8,
+                                    capacity_factor=1.0),
+    # Nemotron-H: plain relu^2 with biases.
+    "relu2_bias": dict(hidden_size=9, ffn_hidden_size=8, num_experts=4, top_k=2, activation="relu2", bias=True),
+}
+
 
 def random_params(cfg: MoEConfig, dtype=torch.float64, device="cpu", num_local_experts=None) -> dict:
     """Random tensors by DESIGN §3 names. The router is scaled up so scores are well separated (no
@@ -24,6 +42,8 @@ def random_params(cfg: MoEConfig, dtype=torch.float64, device="cpu", num_local_e
     }
     if cfg.expert_bias:
         p["expert_bias"] = rnd(e, scale=0.1).float()
+    if cfg.router_bias:
+        p["router_bias"] = rnd(e, scale=1.0)
     if cfg.bias:
         p["b_up"] = rnd(el, cfg.up_size, scale=0.1)
         p["b_down"] = rnd(el, h, scale=0.1)

@@ -12,25 +12,48 @@ import math
 import torch
 
 
-def _act(name: str, v: torch.Tensor) -> torch.Tensor:
+def _act(cfg, v: torch.Tensor) -> torch.Tensor:
+    """cfg.activation on v [2I] (gated: gate then up) or [I], from the formulas of DESIGN §2.5 and the families'
+    definitions, with cfg's parameters read as data (nothing shared with flashmoe_py.activations)."""
+    name = cfg.activation
+
+    def sigmoid(a):
+        return 1.0 / (1.0 + torch.exp(-a))
+
     def silu(a):
-        return a / (1.0 + torch.exp(-a))
+        return a * sigmoid(a)
 
     def gelu(a):
         return 0.5 * a * (1.0 + torch.erf(a / math.sqrt(2.0)))
 
-    if name in ("swiglu", "geglu"):
-        half = v.shape[-1] // 2
-        gate, up = v[..., :half], v[..., half:]
-        return (silu(gate) if name == "swiglu" else gelu(gate)) * up
-    return {"gelu": gelu, "silu": silu, "relu": lambda a: torch.clamp(a, min=0.0)}[name](v)
+    def below(a, hi):  # min(a, hi); the gradient passes where a <= hi, as through a clamp
+        return torch.where(a > hi, torch.full_like(a, hi), a)
+
+    def within(a, lim):  # clamp(a, -lim, lim)
+        return below(-below(-a, lim), lim)
+
+    if name == "relu2":
+        return torch.clamp(v, min=0.0) ** 2
+    if name not in ("swiglu", "geglu", "swiglu_oai", "swiglu_clamped", "swiglu_softcap"):
+        return {"gelu": gelu, "silu": silu, "relu": lambda a: torch.clamp(a, min=0.0)}[name](v)
+    half = v.shape[-1] // 2
+    gate, up = v[..., :half], v[..., half:]
+    if name == "swiglu_oai":  # gpt-oss
+        g, lim = below(gate, cfg.swiglu_limit), cfg.swiglu_limit
+        return (within(up, lim) + 1.0) * g * sigmoid(cfg.swiglu_alpha * g)
+    if name == "swiglu_clamped":  # DeepSeek-V4
+        return silu(below(gate, cfg.swiglu_limit)) * within(up, cfg.swiglu_limit)
+    if name == "swiglu_softcap":  # Inkling2
+        cg, cu = cfg.swiglu_gate_softcap, cfg.swiglu_up_softcap
+        return cg * torch.tanh(gate / cg) * sigmoid(gate) * cu * torch.tanh(up / cu)
+    return (silu(gate) if name == "swiglu" else gelu(gate)) * up
 
 
-def _expert(x_t, p, e, act):
+def _expert(x_t, p, e, cfg):
     pre = x_t @ p["w_up"][e]
     if p.get("b_up") is not None:
         pre = pre + p["b_up"][e]
-    y = _act(act, pre) @ p["w_down"][e]
+    y = _act(cfg, pre) @ p["w_down"][e]
     if p.get("b_down") is not None:
         y = y + p["b_down"][e]
     return y
@@ -50,7 +73,8 @@ def per_token_moe(x: torch.Tensor, p: dict, cfg, routing=None) -> dict:
             ids.append(list(routing[0][t]))
             weights.append([routing[1][t][j] for j in range(k)])
             continue
-        lg = torch.stack([x[t] @ p["router_weight"][e] for e in range(E)])
+        lg = torch.stack([x[t] @ p["router_weight"][e] + (p["router_bias"][e] if cfg.router_bias else 0.0)
+                          for e in range(E)])
         sc = torch.softmax(lg, 0) if cfg.score_func == "softmax" else 1.0 / (1.0 + torch.exp(-lg))
         sel = [float(sc[e].detach()) + (float(p["expert_bias"][e]) if cfg.expert_bias else 0.0) for e in range(E)]
         allowed = list(range(E))
@@ -85,9 +109,9 @@ def per_token_moe(x: torch.Tensor, p: dict, cfg, routing=None) -> dict:
         acc = torch.zeros(x.shape[1], dtype=torch.float64)
         for j in range(k):
             if kept[t][j]:
-                acc = acc + weights[t][j] * _expert(x[t], p, ids[t][j], cfg.activation)
+                acc = acc + weights[t][j] * _expert(x[t], p, ids[t][j], cfg)
         if cfg.num_shared_experts > 0:
-            sh = _act(cfg.activation, x[t] @ p["shared_w_up"]) @ p["shared_w_down"]
+            sh = _act(cfg, x[t] @ p["shared_w_up"]) @ p["shared_w_down"]
             if cfg.shared_expert_gate:
                 sh = sh / (1.0 + torch.exp(-(x[t] @ p["shared_gate_weight"][0])))
             acc = acc + sh

@@ -200,6 +200,50 @@ def test_schema_files_round_trip(tmp_path):
     assert len(schema.read_rows(path)) == 3
 
 
+def test_terminal_table_prints_each_reason_once_under_the_table():
+    # A CPU sweep's triton and fused rows share one long reason per backend in every case; the rows carry a tag and
+    # the reasons are printed once, after the table, so the numbers stay one line per row.
+    import io
+
+    from rich.console import Console
+
+    long = {"triton": "backend='triton' cannot run on cpu: the Triton kernels run on CUDA devices (or on CPU under "
+                      "TRITON_INTERPRET=1, set before flashmoe_py.kernels is first imported), not here " + "x" * 80,
+            "fused": "backend='fused' cannot run on cpu: the fused kernel runs on CUDA devices (or on CPU under "
+                     "TRITON_INTERPRET=1) " + "y" * 80}
+    rows = []
+    for tokens in (16, 64, 256):
+        config = schema.config_dict(_case(tokens=tokens), None, 3, 1, 2)
+        rows.append(schema.new_row(_header(), config, "reference", "baseline", "ok", None, latency_ms_median=2.0,
+                                   latency_ms_p20=1.9, latency_ms_p80=2.1, tokens_per_s=8e3, tflops=1e-3,
+                                   roofline_efficiency=0.25, bound="compute", speedup_vs_best_baseline=1.0))
+        for name, why in long.items():
+            rows.append(schema.new_row(_header(), config, name, "ours", "unavailable", why))
+        rows.append(schema.new_row(_header(), config, "hf_batched_mm", "baseline", "unavailable",
+                                   f"would gather {tokens} GiB [rank 0] of weights"))  # differs per case
+        rows.append(schema.new_row(_header(), config, "naive_loop", "baseline", "failed", "max_rel_err 1 > 1e-05"))
+    buf = io.StringIO()
+    report.print_table(rows, "title", Console(file=buf, width=200, color_system=None))
+    lines = buf.getvalue().splitlines()
+    tags = report.reason_tags(rows)
+    assert list(tags.values()) == [f"[{i}]" for i in range(1, 7)]
+    assert tags[("unavailable", long["triton"])] == "[1]" and tags[("failed", "max_rel_err 1 > 1e-05")] == "[4]"
+    body = [ln for ln in lines if "custom" in ln or "triton" in ln or "fused" in ln or "naive_loop" in ln]
+    for why in (*long.values(), "max_rel_err 1 > 1e-05", "would gather 16 GiB [rank 0] of weights"):
+        assert sum(why[:60] in ln for ln in lines) == 1, why  # once, in its footnote
+    notes = [ln for ln in lines if ln.startswith("[")]
+    assert notes[0].startswith("[1] unavailable (triton): backend='triton' cannot run on cpu")
+    assert notes[3] == "[4] failed (naive_loop): max_rel_err 1 > 1e-05"
+    assert notes[2] == "[3] unavailable (hf_batched_mm): would gather 16 GiB [rank 0] of weights"  # markup-safe
+    assert len(notes) == 6 and "[6] unavailable (hf_batched_mm): would gather 256 GiB" in notes[5]
+    triton_rows = [ln for ln in body if " triton " in ln]
+    assert len(triton_rows) == 3 and all("unavailable [1]" in ln for ln in triton_rows), triton_rows
+    assert sum("unavailable [5]" in ln for ln in lines) == 1  # hf_batched_mm at T=64
+    # one line per row: the table is its header, 3 cases x 5 rows and section rules, not wrapped reasons
+    table_end = lines.index(next(ln for ln in lines if ln.startswith("[1]")))
+    assert table_end < 40, buf.getvalue()
+
+
 # ---- the correctness gate ---------------------------------------------------------------------------
 
 def _wrong_output(pb):
@@ -258,6 +302,11 @@ def test_end_to_end_writes_table_json_csv_jsonl_png(tmp_path, capsys):
         assert name in printed
     slug = schema.device_info(CPU)["slug"]
     rows = schema.read_rows(tmp_path / f"{slug}.json")
+    flat = " ".join(printed.split())  # each reason a row was not timed is printed once, in its footnote
+    for (status, why), tag in report.reason_tags(rows).items():
+        assert flat.count(f"{tag} {status} (") == 1 and " ".join(why.split()) in flat, (tag, why, printed)
+        assert f"{status}: {why[:20]}" not in flat, printed  # not in the rows (as `status: reason`)
+    assert flat.count("unavailable [") == sum(r["status"] == "unavailable" for r in rows), printed
     assert {r["config"]["tokens"] for r in rows} == {16, 48}
     ok = {r["candidate"] for r in rows if r["status"] == "ok"}
     assert {"reference", "naive_loop", "hf_eager", "hf_grouped_mm"} <= ok

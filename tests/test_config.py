@@ -31,10 +31,29 @@ BASE = dict(hidden_size=16, ffn_hidden_size=8, num_experts=8, top_k=2)
     (dict(shared_ffn_hidden_size=32), "shared_ffn_hidden_size"),  # width without a shared expert
     (dict(shared_expert_gate=True), "shared_expert_gate"),        # gate without a shared expert
     (dict(renormalize="yes"), "renormalize"),
+    (dict(activation="swiglu_oai", swiglu_limit=7.0), "swiglu_alpha"),          # a parameter missing
+    (dict(activation="swiglu_oai", swiglu_alpha=1.702, swiglu_limit=0.0), "swiglu_limit"),  # not > 0
+    (dict(activation="swiglu_clamped", swiglu_limit=float("inf")), "swiglu_limit"),
+    (dict(activation="swiglu_clamped", swiglu_limit=10.0, swiglu_alpha=1.0), "swiglu_alpha"),  # unused: refused
+    (dict(activation="swiglu_softcap", swiglu_gate_softcap=4.0), "swiglu_up_softcap"),
+    (dict(swiglu_limit=7.0), "swiglu_limit"),                                 # swiglu takes no parameter
+    (dict(router_bias=1), "router_bias"),
 ])
 def test_invalid_field_is_named(changes, field):
     with pytest.raises(ValueError, match=rf"MoEConfig\.{field}="):
         MoEConfig(**{**BASE, **changes})
+
+
+def test_activation_key_carries_the_parameters_exactly():
+    oai = MoEConfig(**BASE, activation="swiglu_oai", swiglu_alpha=1.702, swiglu_limit=7)
+    assert oai.activation_key == "swiglu_oai:1.702:7.0" and oai.is_gated and oai.up_size == 16
+    soft = MoEConfig(**BASE, activation="swiglu_softcap", swiglu_gate_softcap=0.1, swiglu_up_softcap=1 / 3)
+    assert [float(v) for v in soft.activation_key.split(":")[1:]] == [0.1, 1 / 3]  # repr round-trips
+    relu2 = MoEConfig(**BASE, activation="relu2")
+    assert relu2.activation_key == "relu2" and not relu2.is_gated and relu2.up_size == 8
+    from flashmoe_py.activations import parse_activation
+    with pytest.raises(ValueError, match="takes 2 parameter"):
+        parse_activation("swiglu_oai")  # the name alone never falls back to defaults
 
 
 def test_derived_sizes():

@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,56 @@ def test_ep_scenario(transport, world, name, tmp_path_factory):
         else:
             print(f"rank {r}: {got['seconds']} s {got['info']}")
     assert not errors, f"{name} on {transport} x{world} (seed={res['seed']}):\n" + "\n".join(errors)
+
+
+# The ways an mpirun job starts torch.distributed (issue 14): plain mpirun with flashmoe_py's init_process_group
+# (MPI's variables, a port broadcast over MPI), and the env:// recipe that exports RANK / WORLD_SIZE /
+# MASTER_ADDR / MASTER_PORT to every rank (RANK per rank through a shell, as `-x` can only give all ranks one value)
+# with torch's own init or ours. Each must be an mpirun job to flashmoe_py, so that the `mpi` transport runs.
+MPIRUN_RECIPES = {"plain-flashmoe-init": (False, "flashmoe"), "env-vars-torch-init": (True, "env"),
+                  "env-vars-flashmoe-init": (True, "flashmoe")}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
+@pytest.mark.parametrize("recipe", list(MPIRUN_RECIPES))
+def test_mpirun_recipe(recipe, tmp_path):
+    reason = _skip_reason("mpi")
+    if reason:
+        pytest.skip(reason)
+    torch_env, init = MPIRUN_RECIPES[recipe]
+    seed = int(os.environ.get("FLASHMOE_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
+               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_osc="^ucx")
+    cmd = [_mpirun(), "-np", "2", "--oversubscribe"]
+    if torch_env:
+        cmd += ["-x", "MASTER_ADDR=127.0.0.1", "-x", f"MASTER_PORT={_free_port()}", "-x", "WORLD_SIZE=2",
+                "sh", "-c", 'RANK=$OMPI_COMM_WORLD_RANK LOCAL_RANK=$OMPI_COMM_WORLD_LOCAL_RANK exec "$0" "$@"']
+    cmd += [sys.executable, "-m", "tests.mpirun_worker", "--init", init, "--seed", str(seed), "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the session holds only the ranks this launch started
+        log, _ = proc.communicate()
+        pytest.fail(f"launch timed out after {LAUNCH_TIMEOUT_S} s (seed={seed})\n{log[-4000:]}")
+    for r in range(2):
+        path = tmp_path / f"rank{r}.json"
+        assert path.exists(), f"rank {r} wrote no results, exit code {proc.returncode} (seed={seed})\n{log[-4000:]}"
+        res = json.loads(path.read_text())
+        launch = res.pop("launch")
+        assert launch["launcher"] == "mpirun" and launch["mpi_reason"] is None, launch
+        assert launch["rank"] == launch["mpi_rank"] == launch["torch_rank"] == r, launch
+        assert launch["world_size"] == launch["mpi_size"] == launch["torch_world"] == 2, launch
+        assert launch["RANK"] == (str(r) if torch_env else None), launch
+        errors = [f"{name}:\n{got['error']}" for name, got in res.items() if not got["ok"]]
+        assert not errors, f"rank {r} (seed={seed}):\n" + "\n".join(errors)
+    assert proc.returncode == 0, log[-4000:]

@@ -12,10 +12,17 @@ import pytest
 import torch
 
 import flashmoe_py as fm
-from flashmoe_py.dist import ExchangeTimeout, HeapLayout, HeapOverflow, SymmetricHeap, TransportUnavailable, transports
-from flashmoe_py.dist.forward import expert_major
-from flashmoe_py.dist.layout import ALIGN, DISPATCH, RETURN, SIGNAL_BYTES
-from flashmoe_py.dist.protocol import OneSidedExchange
+from flashmoe_py.parallel import (
+    ExchangeTimeout,
+    HeapLayout,
+    HeapOverflow,
+    SymmetricHeap,
+    TransportUnavailable,
+    transports,
+)
+from flashmoe_py.parallel.forward import expert_major
+from flashmoe_py.parallel.layout import ALIGN, DISPATCH, RETURN, SIGNAL_BYTES
+from flashmoe_py.parallel.protocol import OneSidedExchange
 
 
 def test_layout_blocks_are_aligned_disjoint_and_fit():
@@ -140,7 +147,7 @@ def test_nvshmem_is_finalised_once_at_exit_after_freeing_live_heaps(monkeypatch)
     # exactly once; never raising (the process is exiting). A stand-in nvshmem.core records the calls.
     import types
 
-    import flashmoe_py.dist.nvshmem as nv
+    import flashmoe_py.parallel.nvshmem as nv
 
     calls = []
     fake_core = types.SimpleNamespace(finalize=lambda: calls.append("finalize"))
@@ -168,12 +175,47 @@ def test_nvshmem_is_finalised_once_at_exit_after_freeing_live_heaps(monkeypatch)
 
 
 def test_nvshmem_transport_imports_and_says_it_needs_cuda_on_cpu():
-    import flashmoe_py.dist.nvshmem as nv
+    import flashmoe_py.parallel.nvshmem as nv
 
     assert "needs CUDA" in nv.unavailable_reason(torch.device("cpu"))
     with pytest.raises(TransportUnavailable, match="transport='nvshmem' cannot run on cpu: needs CUDA"):
         transports.resolve("nvshmem", "cpu")
     assert transports.resolve("auto", "cpu") == "shm"
+
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMPI_COMM_WORLD_RANK",
+                    "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "PMI_RANK", "PMI_SIZE", "PMIX_RANK")
+TORCH_ENV = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+
+
+@pytest.mark.parametrize("case", ["torchrun", "ompi", "ompi+torch-env", "pmi+torch-env", "pmix+torch-env", "none"])
+def test_launch_env_asks_mpis_own_variables_first(case, monkeypatch):
+    # An mpirun job that also exports RANK/WORLD_SIZE (torch's env:// recipe under mpirun) is an mpirun job: the
+    # mpi transport must run there. The MPI ranks win over RANK; MASTER_ADDR/PORT are kept for the rendezvous.
+    from flashmoe_py import env
+    from flashmoe_py.parallel import mpi
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    launcher_vars = {"torchrun": {}, "none": {}, "ompi": {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2",
+                                                          "OMPI_COMM_WORLD_LOCAL_RANK": "1"},
+                     "pmi": {"PMI_RANK": "1", "PMI_SIZE": "2"}, "pmix": {"PMIX_RANK": "1"}}[case.split("+")[0]]
+    for name, value in {**(TORCH_ENV if case == "torchrun" or "torch-env" in case else {}), **launcher_vars}.items():
+        monkeypatch.setenv(name, value)
+    got = env.launch_env()
+    if case == "none":
+        assert got == env.LaunchEnv(None, None, None, None, None, None)
+        assert "not started by mpirun" in mpi.unavailable_reason(torch.device("cpu"))
+        assert "PMIX_RANK" in mpi.unavailable_reason(torch.device("cpu"))
+        return
+    want = {"torchrun": ("torchrun", 3, 4, 3), "ompi": ("mpirun", 1, 2, 1), "pmi": ("mpirun", 1, 2, None),
+            "pmix": ("mpirun", 1, None, None)}[case.split("+")[0]]  # PMIx exports no size: init asks MPI
+    assert (got.launcher, got.rank, got.world_size, got.local_rank) == want, got
+    addr = TORCH_ENV["MASTER_ADDR"] if case == "torchrun" or "torch-env" in case else None
+    assert got.master_addr == addr
+    if got.launcher == "mpirun":
+        assert mpi.unavailable_reason(torch.device("cpu")) is None
+    else:
+        assert "not started by mpirun" in mpi.unavailable_reason(torch.device("cpu"))
 
 
 def test_process_group_without_torch_distributed_is_a_clear_error():
@@ -230,7 +272,7 @@ def test_nvshmem_heap_put_signal_wait_to_self(tmp_path, seed):
         pytest.skip(reason)
     if not dist.is_initialized():
         dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    from flashmoe_py.dist.nvshmem import NvshmemHeap
+    from flashmoe_py.parallel.nvshmem import NvshmemHeap
 
     lay = HeapLayout(world_size=1, num_local_experts=3, slab_rows=16, row_bytes=32 * 4)
     heap = NvshmemHeap(lay, dist.group.WORLD, torch.device("cuda", torch.cuda.current_device()))

@@ -25,7 +25,7 @@ pytest.importorskip("triton")
 import flashmoe_py as fm  # noqa: E402
 from flashmoe_py import fused_backend, interpreter_threads  # noqa: E402
 from flashmoe_py.routing import route  # noqa: E402
-from tests.helpers import compare_to_reference, random_inputs, random_params  # noqa: E402
+from tests.helpers import ACTIVATION_CONFIGS, compare_to_reference, random_inputs  # noqa: E402
 from tests.tolerances import assert_close  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -44,6 +44,9 @@ CONFIGS = {
     # k=1 (weight exactly 1), prime E, odd H and I below one tile, relu with biases, atomic-free combine anyway.
     "relu_k1_prime": dict(hidden_size=9, ffn_hidden_size=7, num_experts=7, top_k=1, activation="relu", bias=True,
                           deterministic=False),
+    # The parameterised gated activations and relu2 in the up GEMM's epilogue (gpt-oss with its router bias,
+    # DeepSeek-V4 with a shared expert, Inkling2), dropless.
+    **{name: {**c, "capacity_factor": None} for name, c in ACTIVATION_CONFIGS.items()},
 }
 
 pytestmark = pytest.mark.usefixtures("poison")
@@ -88,6 +91,20 @@ def test_inference_routes_in_the_kernel(seed):
 
 
 @pytest.mark.interpreter
+def test_inference_with_a_router_bias(seed):
+    # gpt-oss' router bias: without a gradient the logits (with the bias) come from PyTorch, the rest from the kernel.
+    cfg = fm.MoEConfig(**ACTIVATION_CONFIGS["swiglu_oai_router_bias"], **LOSSES)
+    params, x, _ = _inputs(cfg, torch.float64)
+    with torch.no_grad():
+        got = fm.moe(x, params, cfg, backend="fused")
+    ref = fm.moe(x, params, cfg, backend="reference")
+    assert torch.equal(got.routing.topk_ids, ref.routing.topk_ids)
+    for what in ("out", "aux_loss"):
+        assert_close(getattr(got, what), getattr(ref, what), torch.float64, what)
+    assert got.stats.kernel_launches == LAUNCHES and got.stats.host_syncs == 0
+
+
+@pytest.mark.interpreter
 def test_caller_routing_with_a_repeated_expert(seed):
     # topk_ids / topk_weights from the caller, one token naming the same expert twice (a router never does, a
     # caller may): both rows go to that expert, at consecutive sorted positions; weight gradients flow back.
@@ -106,11 +123,12 @@ def test_caller_routing_with_a_repeated_expert(seed):
 
 
 @pytest.mark.interpreter
-def test_bf16_matches_reference(seed):
+@pytest.mark.parametrize("name", ["mixtral", "swiglu_softcap_capacity"])
+def test_bf16_matches_reference(name, seed):
     # bf16 through the interpreter's fp32 upcast of dot operands; h and the results are stored in bf16.
     # Caller routing keeps a near-tie in low-precision scores from choosing different experts in the two paths.
-    # (fp32 runs in tests/test_fused_ep.py.)
-    cfg = fm.MoEConfig(**CONFIGS["mixtral"])
+    # (fp32 runs in tests/test_fused_ep.py.) The softcapped swiglu is smooth: no clamp whose derivative jumps.
+    cfg = fm.MoEConfig(**CONFIGS[name])
     params, x, upstream = _inputs(cfg, torch.bfloat16)
     r = route(x.double(), params["router_weight"].double(), None, cfg)
     _compare(cfg, torch.bfloat16, params, x, upstream, topk_ids=r.topk_ids, topk_weights=r.topk_weights.float())
@@ -199,6 +217,31 @@ def test_zero_tokens(seed):
     assert x.grad.shape == x.shape
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("routing", ["kernel", "caller"])
+def test_capacity_ranked_in_the_kernel(routing, seed):
+    # capacity_factor: each expert keeps its C best assignments (weight descending, then token), ranked on the
+    # device after routing; the rest contribute nothing. cf=0.4 of 8 experts, k=2: C = ceil(0.4 * T * 2 / 8) is
+    # below T * 2 / 8 rows per expert on average, so drops are certain (pigeonhole). Training (logits given,
+    # backward from the kernel's compacted order) and inference (routing in the kernel) or caller routing.
+    cfg = fm.MoEConfig(**CONFIGS["mixtral"], **LOSSES, capacity_factor=0.4)
+    params, x, upstream = _inputs(cfg, torch.float64)
+    extra = {}
+    if routing == "caller":
+        r = route(x.double(), params["router_weight"].double(), None, cfg)
+        extra = dict(topk_ids=r.topk_ids, topk_weights=r.topk_weights)
+    got = compare_to_reference("fused", cfg, torch.float64, params, x, upstream, **extra)
+    assert int(got.stats.dropped) > 0 and got.stats.host_syncs == 0
+    with torch.no_grad():
+        inf = fm.moe(x, params, cfg, backend="fused", **extra)
+    ref = fm.moe(x, params, cfg, backend="reference", **extra)
+    assert torch.equal(inf.routing.kept, ref.routing.kept), "kept flags differ"
+    assert torch.equal(inf.stats.tokens_per_expert, ref.stats.tokens_per_expert)
+    assert int(inf.stats.dropped) == int(ref.stats.dropped)
+    assert_close(inf.out, ref.out, torch.float64, "inference out")
+    assert_close(inf.aux_loss, ref.aux_loss, torch.float64, "inference aux_loss (counts before capacity)")
+
+
 # ----- PHASE=ALL under the interpreter: the one launch a GPU makes -----
 
 @pytest.mark.interpreter
@@ -228,6 +271,10 @@ def test_phase_all_with_concurrent_programs(programs, monkeypatch, seed):
         trained = compare_to_reference("fused", cfg, torch.float64, *_inputs(cfg, torch.float64), None)
         assert trained.stats.kernel_launches == 1
         busy.append(int((trained.stats.tasks_per_program > 0).sum()))
+        capped = cfg.replace(capacity_factor=0.4)  # order tasks, then stage tasks waiting on all of them
+        dropped = compare_to_reference("fused", capped, torch.float64, *_inputs(capped, torch.float64), None)
+        assert dropped.stats.kernel_launches == 1 and int(dropped.stats.dropped) > 0
+        busy.append(int((dropped.stats.tasks_per_program > 0).sum()))
     # Each launch had more than one program taking tasks: no program did everything alone.
     assert min(busy) > 1, f"programs that claimed tasks per launch: {busy}"
 
@@ -247,12 +294,6 @@ def test_phase_all_single_program_finishes_alone(monkeypatch, seed):
 
 
 # ----- no kernel launches below: what the backend refuses, and why -----
-
-def test_capacity_is_refused_with_the_reason():
-    cfg = fm.MoEConfig(hidden_size=8, ffn_hidden_size=4, num_experts=4, top_k=2, capacity_factor=1.0)
-    with pytest.raises(fm.BackendUnavailable, match="capacity_factor.*dropless"):
-        fm.moe(torch.randn(3, 8, device=DEVICE), random_params(cfg, torch.float32, DEVICE), cfg, backend="fused")
-
 
 def test_unavailable_reason_on_cpu_names_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -186,7 +186,7 @@ def test_world_size_one_on_the_nvshmem_heap(seed):
     # A one-rank process group with transport="nvshmem": the kernel's heap is an NVSHMEM symmetric tensor.
     import torch.distributed as dist
 
-    from flashmoe_py.dist import transports
+    from flashmoe_py.parallel import transports
 
     reason = transports.unavailable_reason("nvshmem", torch.device("cuda"))
     if reason is not None:

@@ -23,7 +23,7 @@ pytest.importorskip("triton")
 
 import flashmoe_py as fm  # noqa: E402
 from flashmoe_py import fused_backend  # noqa: E402
-from flashmoe_py.dist.local import LocalRanks  # noqa: E402
+from flashmoe_py.parallel.local import LocalRanks  # noqa: E402
 from tests.helpers import random_params  # noqa: E402
 from tests.tolerances import assert_close  # noqa: E402
 

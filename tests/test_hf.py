@@ -42,14 +42,17 @@ def _config(family: str, **extra):
                                   topk_group=2, n_shared_experts=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
                                   q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
                                   v_head_dim=8, **extra)
-    if family == "gpt_oss":
+    if family == "gpt_oss":  # swiglu_limit 1 (not 7) so that the clamps bite at these weights
         return t.GptOssConfig(**COMMON, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
-                              **extra)
+                              swiglu_limit=1.0, **extra)
+    if family == "qwen3_moe":
+        return t.Qwen3MoeConfig(**COMMON, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2,
+                                norm_topk_prob=True, head_dim=8, **extra)
     raise AssertionError(family)
 
 
 _MODEL = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
-          "deepseek_v3": "DeepseekV3ForCausalLM", "gpt_oss": "GptOssForCausalLM"}
+          "deepseek_v3": "DeepseekV3ForCausalLM", "gpt_oss": "GptOssForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 # MoEConfig fields each family must map to (the tests below also compare outputs, but a field whose effect a
 # tiny input happens not to show would slip through without this).
@@ -59,6 +62,9 @@ _EXPECTED_FIELDS = {
     "olmoe": dict(score_func="softmax", renormalize=False, num_shared_experts=0),
     "deepseek_v3": dict(score_func="sigmoid", renormalize=True, expert_bias=True, num_expert_groups=4, topk_groups=2,
                         routed_scaling_factor=2.5, top_k=3, shared_hidden_size=32, shared_expert_gate=False),
+    "qwen3_moe": dict(score_func="softmax", renormalize=True, top_k=2, num_shared_experts=0, activation="swiglu"),
+    "gpt_oss": dict(score_func="softmax", renormalize=True, router_bias=True, bias=True, activation="swiglu_oai",
+                    swiglu_alpha=1.702, swiglu_limit=1.0, num_shared_experts=0),
 }
 FAMILIES = tuple(_EXPECTED_FIELDS)
 
@@ -68,9 +74,11 @@ def _tiny_model(family: str, **extra):
     almost uniformly) and a non-zero DeepSeek-V3 selection bias."""
     model = getattr(transformers, _MODEL[family])(_config(family, **extra)).eval()
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.25)
+            elif "mlp" in name and "bias" in name:  # gpt-oss' router and expert biases (zero at init)
+                p.normal_(0.0, 0.5)
         for m in model.modules():
             if isinstance(getattr(m, "e_score_correction_bias", None), torch.Tensor):
                 m.e_score_correction_bias.normal_(0.0, 0.1)
@@ -88,6 +96,16 @@ def _routing_counterparts(block, ours) -> list[tuple[str, torch.Tensor, torch.Te
 
     def t(x):
         return None if x is None else x.transpose(-2, -1)
+
+    if ours.family == "gpt_oss":  # input-major already; gate/up columns interleaved
+        def de(x):
+            return None if x is None else torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+
+        return [("router_weight", moe.router_weight.grad, block.router.weight.grad),
+                ("router_bias", moe.router_bias.grad, block.router.bias.grad),
+                ("w_up", moe.w_up.grad, de(ex.gate_up_proj.grad)),
+                ("b_up", moe.b_up.grad, de(ex.gate_up_proj_bias.grad)),
+                ("w_down", moe.w_down.grad, ex.down_proj.grad), ("b_down", moe.b_down.grad, ex.down_proj_bias.grad)]
 
     pairs = [("router_weight", moe.router_weight.grad, block.gate.weight.grad),
              ("w_up", moe.w_up.grad, t(ex.gate_up_proj.grad)), ("w_down", moe.w_down.grad, t(ex.down_proj.grad))]
@@ -115,6 +133,9 @@ def test_from_hf_block_outputs_and_gradients_equal_the_original(family, seed):
     x = torch.randn(2, 5, COMMON["hidden_size"])
     x_hf, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_hf, y_ours = block(x_hf), ours(x_ours)
+    if family == "gpt_oss":  # the block also returns its routing weights
+        (y_hf, w_hf), (y_ours, w_ours) = y_hf, y_ours
+        assert_close(w_ours, w_hf, F32, f"{family} routing weights")
     assert_close(y_ours, y_hf, F32, f"{family} block output")
     cotangent = torch.randn_like(y_hf)
     y_hf.backward(cotangent)
@@ -270,15 +291,19 @@ def test_registered_experts_honour_layout_flags_and_track_parameter_updates(layo
 
 
 def test_unsupported_variants_raise_errors_naming_the_flag(seed):
+    from transformers.activations import ACT2FN
+
     fh.register(backend="reference")
-    gpt_oss = _tiny_model("gpt_oss")
+    mixtral = _tiny_model("mixtral")  # tanh-approximated gelu experts: no activation of ours
+    for name, block in _moe_blocks(mixtral):
+        block.experts.act_fn = ACT2FN["gelu_pytorch_tanh"]
     ids = torch.randint(0, COMMON["vocab_size"], (1, 4))
-    gpt_oss.set_experts_implementation("flashmoe")
-    with pytest.raises(fh.UnsupportedHFModule, match=r"GptOssExperts\._apply_gate \(alpha=1\.702, limit=7\.0\)"):
-        gpt_oss(ids)
-    result = fh.patch(gpt_oss)
+    mixtral.set_experts_implementation("flashmoe")
+    with pytest.raises(fh.UnsupportedHFModule, match=r"MixtralExperts: activation GELUTanh \(gated\)"):
+        mixtral(ids)
+    result = fh.patch(mixtral)
     assert result.count == 0 and sorted(result.skipped) == ["model.layers.0.mlp", "model.layers.1.mlp"]
-    assert "GptOssMLP" in result.skipped["model.layers.0.mlp"]
+    assert "GELUTanh" in result.skipped["model.layers.0.mlp"]
 
     config = types.SimpleNamespace(num_experts=3, hidden_size=8, intermediate_size=4, _experts_implementation=None)
     x, top, w = torch.randn(2, 8), torch.tensor([[0, 1], [2, 0]]), torch.rand(2, 2)
@@ -295,6 +320,29 @@ def test_unsupported_variants_raise_errors_naming_the_flag(seed):
         for name, value in overrides.items():
             setattr(module, name, value)
         with pytest.raises(fh.UnsupportedHFModule, match=needle):
+            _run_experts(module, "flashmoe", x, top, w)
+
+    # Custom gates close to ours but not equal: gpt-oss' without the (up + 1), a clamped gate whose limit the module
+    # does not hold, a scaled sigmoid without clamps. The probe sees each difference.
+    def no_plus_one(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+        return up * gate * torch.sigmoid(gate * self.alpha)
+
+    def hidden_limit(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate.clamp(max=3.0)) * up.clamp(-3.0, 3.0)
+
+    def scaled_sigmoid(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return gate * torch.sigmoid(1.702 * gate) * up
+
+    for gate_fn in (no_plus_one, hidden_limit, scaled_sigmoid):
+        cls = _experts_class(concatenated=True, transposed=True, bias=False, gated=True, act="silu")
+        cls._apply_gate = gate_fn
+        module = cls(config)
+        module.alpha, module.limit = 1.702, 7.0
+        with pytest.raises(fh.UnsupportedHFModule, match=r"_apply_gate \(alpha=1\.702, limit=7\.0\) computes none"):
             _run_experts(module, "flashmoe", x, top, w)
 
 

@@ -1,4 +1,4 @@
-"""Several expert-parallel ranks in one process (flashmoe_py/dist/local.py, DESIGN §7.5): the fused kernel's
+"""Several expert-parallel ranks in one process (flashmoe_py/parallel/local.py, DESIGN §7.5): the fused kernel's
 cross-rank protocol with every rank's persistent grid running at the same time, over one heap allocation
 addressed through peer offsets.
 
@@ -24,8 +24,8 @@ if not HAS_CUDA:
 pytest.importorskip("triton")
 
 import flashmoe_py as fm  # noqa: E402
-from flashmoe_py.dist import HeapOverflow  # noqa: E402
-from flashmoe_py.dist.local import LocalRanks  # noqa: E402
+from flashmoe_py.parallel import HeapOverflow  # noqa: E402
+from flashmoe_py.parallel.local import LocalRanks  # noqa: E402
 from tests.helpers import random_params  # noqa: E402
 from tests.tolerances import assert_close  # noqa: E402
 

@@ -215,8 +215,8 @@ def _ep_state():
     """The fused backend's own persistent state for that layer, built on meta tensors (nothing allocated), with
     its layout and the element offsets it passes to the kernel."""
     import flashmoe_py as fm
-    from flashmoe_py.dist.layout import HeapLayout
     from flashmoe_py.fused_backend import FusedState
+    from flashmoe_py.parallel.layout import HeapLayout
 
     s = EP_SHAPE
     cfg = fm.MoEConfig(hidden_size=s["hidden"], ffn_hidden_size=s["ffn"], num_experts=s["num_experts"],

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import flashmoe_py as fm
-from tests.helpers import random_params, to_fp64_leaves
+from tests.helpers import ACTIVATION_CONFIGS, random_params, to_fp64_leaves
 from tests.per_token import per_token_moe
 from tests.tolerances import assert_close
 
@@ -35,6 +35,7 @@ CONFIGS = {
     # Group-limited softmax with one expert per group (group score = that expert), atomics-style combine.
     "groups_of_one_nondet": dict(hidden_size=10, ffn_hidden_size=6, num_experts=6, top_k=2, num_expert_groups=6,
                                  topk_groups=3, deterministic=False),
+    **ACTIVATION_CONFIGS,
 }
 NUM_TOKENS = 37  # not a multiple of anything in the configs
 
@@ -80,7 +81,8 @@ def test_forward_fp32_matches_per_token(name, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", ["mixtral", "deepseek", "geglu_bias_capacity"])
+@pytest.mark.parametrize("name", ["mixtral", "deepseek", "geglu_bias_capacity", "swiglu_oai_router_bias",
+                                  "swiglu_softcap_capacity"])
 def test_forward_half_precision_within_tolerance(name, dtype, seed):
     cfg = fm.MoEConfig(**CONFIGS[name])
     got, ref, _, _ = _run_both(cfg, dtype)
@@ -88,6 +90,25 @@ def test_forward_half_precision_within_tolerance(name, dtype, seed):
     # Selection runs on fp32 logits of the rounded inputs, the same values the fp64 reference sees,
     # but capacity can flip on weights that round together; compare outputs, not routing.
     assert_close(got.out, ref["out"], dtype, "out")
+
+
+@pytest.mark.parametrize("name", ACTIVATION_CONFIGS)
+def test_activation_parameters_are_exercised(name, seed):
+    # The limits and caps bite: a good share of the pre-activations lies past them, so a wrong clamp or cap (or
+    # a gradient passed where a clamp blocks it) changes the results the tests above compare.
+    cfg = fm.MoEConfig(**ACTIVATION_CONFIGS[name])
+    p = random_params(cfg, torch.float64)
+    pre = torch.randn(200, cfg.hidden_size, dtype=torch.float64) @ p["w_up"][0]
+    gate, up = pre.chunk(2, dim=-1) if cfg.is_gated else (pre, None)
+    if cfg.activation == "relu2":
+        assert 0.3 < (gate < 0).double().mean() < 0.7
+        return
+    if cfg.activation == "swiglu_softcap":  # tanh(z / c) departs from z / c by over 10% once |z| > c / 2
+        assert (gate.abs() > cfg.swiglu_gate_softcap / 2).double().mean() > 0.3
+        assert (up.abs() > cfg.swiglu_up_softcap / 2).double().mean() > 0.3
+        return
+    assert (gate > cfg.swiglu_limit).double().mean() > 0.1 and (gate < -cfg.swiglu_limit).double().mean() > 0.1
+    assert (up.abs() > cfg.swiglu_limit).double().mean() > 0.2
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -33,7 +33,13 @@ pytest.importorskip("triton")
 import flashmoe_py as fm  # noqa: E402
 from flashmoe_py import reference, triton_backend  # noqa: E402
 from flashmoe_py.routing import capacity_mask, route, sort_by_expert  # noqa: E402
-from tests.helpers import compare_to_reference, forward_backward, random_inputs, random_params  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    ACTIVATION_CONFIGS,
+    compare_to_reference,
+    forward_backward,
+    random_inputs,
+    random_params,
+)
 from tests.tolerances import assert_close  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -64,6 +70,9 @@ CONFIGS = {
     # Groups of one expert (group score = that expert's), atomic combine.
     "groups_of_one_atomic": dict(hidden_size=10, ffn_hidden_size=6, num_experts=6, top_k=2, num_expert_groups=6,
                                  topk_groups=3, deterministic=False),
+    # The parameterised gated activations (gpt-oss with a router bias, DeepSeek-V4, Inkling2) and relu2: the up
+    # GEMM's epilogue and the backward's derivatives, with limits and caps the pre-activations cross.
+    **ACTIVATION_CONFIGS,
 }
 LOSSES = dict(aux_loss_coef=0.1, z_loss_coef=0.01)  # so router gradients flow through both losses too
 
@@ -91,12 +100,16 @@ def test_forward_backward_fp64_match_reference(name, seed):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype,name", [(torch.float32, "qwen2"), (torch.bfloat16, "mixtral"),
-                                        (torch.bfloat16, "geglu_bias_capacity"), (torch.float16, "relu_k1_prime")])
+                                        (torch.bfloat16, "geglu_bias_capacity"), (torch.float16, "relu_k1_prime"),
+                                        (torch.float32, "swiglu_oai_router_bias"),
+                                        (torch.bfloat16, "swiglu_softcap_capacity")])
 def test_low_precision_matches_reference(dtype, name, seed):
     # fp32 through the fp32 dot; bf16 through the interpreter's fp32 upcast of dot operands (Triton issue
     # 11584) with bf16 loads, stores and rounding as on a GPU; fp16 as is. Compared with the reference at
     # the same dtype, both within that dtype's tolerance of each other. Caller routing keeps a near-tie in
-    # low-precision scores from choosing different experts in the two paths.
+    # low-precision scores from choosing different experts in the two paths. A clamp's derivative jumps at its
+    # limit, so bf16 rounding of a pre-activation next to it flips that element's gradient: the clamped
+    # activation runs in fp32 here, the smooth softcapped one in bf16.
     cfg = fm.MoEConfig(**CONFIGS[name])
     params, x, upstream = _inputs(cfg, dtype)
     r = route(x.double(), params["router_weight"].double(), params.get("expert_bias"), cfg)
@@ -317,11 +330,20 @@ def test_launch_config_table_is_complete_and_wgmma_shaped():
 def test_compile_gate_reaches_every_kernel():
     # The gate compiles what plan_launches finds; every @triton.jit kernel of the package must be among it.
     from flashmoe_py import kernels
-    from flashmoe_py.triton_compile_check import BENCH_SHAPE, CASES
+    from flashmoe_py.config import ACTIVATIONS
+    from flashmoe_py.triton_compile_check import CASES, FUSED_CASES, case_configs
 
-    reached = set()
+    reached, epilogues = set(), set()
     for _, overrides, tokens, backward, rows_mode, given in CASES:
-        cfg = fm.MoEConfig(**BENCH_SHAPE, **overrides)
-        for launch in triton_backend.plan_launches(cfg, torch.bfloat16, tokens, "sm_90", backward, rows_mode, given):
-            reached.add(launch.kernel.fn.__name__)
+        for cfg in case_configs(overrides):
+            for launch in triton_backend.plan_launches(cfg, torch.bfloat16, tokens, "sm_90", backward, rows_mode,
+                                                       given):
+                reached.add(launch.kernel.fn.__name__)
+                epilogues.add(launch.name)
     assert reached == {n for n in kernels.__all__ if n.endswith("_kernel")}
+    # Every activation's forward and backward epilogue is compiled (both targets; plain relu and silu are gelu's
+    # epilogue with a cheaper function), and the fused kernel's up-GEMM epilogue for every parameterised
+    # activation and relu2.
+    assert {f"{k}[{a}]" for a in set(ACTIVATIONS) - {"relu", "silu"} for k in ("up", "dh")} <= epilogues
+    fused = {cfg.activation for c in FUSED_CASES for cfg in case_configs(c[1])}
+    assert {"swiglu_oai", "swiglu_clamped", "swiglu_softcap", "relu2"} <= fused

@@ -36,7 +36,7 @@ def naive_loop(x: torch.Tensor, params: MoEParams, cfg: MoEConfig, topk_ids: tor
         pre = x[tok] @ params.w_up[e]
         if params.b_up is not None:
             pre = pre + params.b_up[e]
-        y = apply_activation(pre, cfg.activation) @ params.w_down[e]
+        y = apply_activation(pre, cfg.activation_key) @ params.w_down[e]
         if params.b_down is not None:
             y = y + params.b_down[e]
         out.index_add_(0, tok, (y * topk_weights[tok, slot, None]).to(x.dtype))
@@ -67,7 +67,7 @@ def grouped_mm_experts(x: torch.Tensor, params: MoEParams, cfg: MoEConfig, topk_
     pre = F.grouped_mm(x[perm // k], params.w_up, offs=offs)
     if params.b_up is not None:
         pre = pre + params.b_up[expert_of_row]
-    y = F.grouped_mm(apply_activation(pre, cfg.activation), params.w_down, offs=offs)
+    y = F.grouped_mm(apply_activation(pre, cfg.activation_key), params.w_down, offs=offs)
     if params.b_down is not None:
         y = y + params.b_down[expert_of_row]
     weighted = y.float() * topk_weights.reshape(-1)[perm].float().unsqueeze(1)

@@ -72,8 +72,31 @@ def _varied(rows: list[dict]) -> bool:
     return len({(r["config"]["dtype"], r["config"]["mode"]) for r in rows}) > 1
 
 
+def reason_tags(rows: list[dict]) -> dict[tuple[str, str], str]:
+    """A short tag ("[1]", "[2]", ...) per distinct (status, reason) of the rows that were not timed, numbered in
+    order of first appearance: the table shows the tag in the row and each reason once under the table."""
+    tags: dict[tuple[str, str], str] = {}
+    for r in rows:
+        if r["status"] != "ok":
+            tags.setdefault((r["status"], r["reason"] or ""), f"[{len(tags) + 1}]")
+    return tags
+
+
+def reason_notes(rows: list[dict]) -> list[str]:
+    """The footnotes for `reason_tags`: "[1] unavailable (triton, fused): <reason>", one line per distinct reason."""
+    names: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for r in rows:
+        if r["status"] != "ok":
+            key = (r["status"], r["reason"] or "")
+            if r["candidate"] not in names[key]:
+                names[key].append(r["candidate"])
+    return [f"{tag} {status} ({', '.join(names[(status, reason)])}): {reason}"
+            for (status, reason), tag in reason_tags(rows).items()]
+
+
 def table(rows: list[dict], title: str):
-    """A rich Table of the rows, one section per case."""
+    """A rich Table of the rows, one section per case. Rows that were not timed show their status and a tag;
+    the reasons are `reason_notes(rows)`, printed once under the table (print_table)."""
     from rich.table import Table
 
     distributed = any(r["config"]["world_size"] > 1 for r in rows)
@@ -86,8 +109,8 @@ def table(rows: list[dict], title: str):
         t.add_column(col, justify=just, no_wrap=col != "case")
     if distributed:
         t.add_column("wire MB (min)", justify="right")
-    t.add_column("status", overflow="fold", max_width=48)
-    last, varied = None, _varied(rows)
+    t.add_column("status", no_wrap=True)
+    last, varied, tags = None, _varied(rows), reason_tags(rows)
     for r in rows:
         m, label = r["metrics"], case_label(r, varied)
         if last is not None and label != last:
@@ -106,7 +129,7 @@ def table(rows: list[dict], title: str):
         if distributed:
             wire, least = m["wire_bytes"], m["wire_min_bytes"]
             cells.append("" if wire is None else f"{wire / 1e6:.3g} ({_fmt(least and least / 1e6, '.3g')})")
-        cells.append("ok" if ok else f"{r['status']}: {r['reason']}")
+        cells.append("ok" if ok else f"{r['status']} {tags[(r['status'], r['reason'] or '')]}")
         t.add_row(*cells, style=None if ok else "dim")
         last = label
     return t
@@ -121,7 +144,13 @@ def console():
 
 
 def print_table(rows: list[dict], title: str, out=None) -> None:
-    (out or console()).print(table(rows, title))
+    """The table, then each distinct reason a row was not timed, once, after its tag."""
+    from rich.markup import escape
+
+    out = out or console()
+    out.print(table(rows, title))
+    for note in reason_notes(rows):
+        out.print(escape(note), style="dim", highlight=False)
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -89,7 +89,10 @@ def _version(pkg: str) -> str | None:
 
 
 def versions() -> dict:
-    return {"flashmoe_py": _version("flashmoe_py"), "torch": torch.__version__, "triton": _version("triton"),
+    # Ours from the imported package, not from distribution metadata: "flashmoe_py" normalises to "flashmoe-py",
+    # FlashMoE's own distribution, whose version a metadata lookup would report when that is installed.
+    from .. import __version__
+    return {"flashmoe_py": __version__, "torch": torch.__version__, "triton": _version("triton"),
             "transformers": _version("transformers"), "python": platform.python_version()}
 
 

@@ -7,7 +7,7 @@ Two ways in, both without downloads or changes to the model's code:
   runs the experts modules of any family whose layout and activation we support through
   `flashmoe_py.ops.moe`, with the model's own routing.
 - `patch(model)` replaces whole sparse-MoE blocks (router + experts + shared expert) of the supported
-  families (Mixtral, Qwen2-MoE, OLMoE, DeepSeek-V3) by one FusedMoE each, with our fused routing;
+  families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, gpt-oss) by one FusedMoE each, with our fused routing;
   `from_hf(block)` converts a single block.
 
 transformers is imported only when one of these functions runs: importing flashmoe_py (or this package)

@@ -11,6 +11,9 @@ Each family's routing is mapped onto MoEConfig field by field (transformers 5.x 
 | deepseek_v3 | DeepseekV3MoE | sigmoid; selection on score + e_score_correction_bias | n_shared_experts * I |
 |  |  | within the topk_group best groups (group score: sum of its top-2); |  |
 |  |  | renormalised iff norm_topk_prob; times routed_scaling_factor |  |
+| qwen3_moe | Qwen3MoeSparseMoeBlock | softmax, top-k, renormalised iff norm_topk_prob | none |
+| gpt_oss | GptOssMLP | logits with the router's bias (router_bias); top-k of the logits, softmax | none |
+|  |  | over the k chosen (= softmax, top-k, renormalised); swiglu_oai experts |  |
 
 Where the families differ from our semantics in a detail, the difference and its size (see docs/DECISIONS.md):
 - router logits: we compute them in fp32 from fp32-cast inputs (DeepSeek-V3 does too); Mixtral, Qwen2-MoE and
@@ -18,7 +21,10 @@ Where the families differ from our semantics in a detail, the difference and its
   to matmul rounding.
 - DeepSeek-V3 renormalises by (sum + 1e-20); we divide by the sum. In fp32 the epsilon vanishes (it is below half
   an ulp of any sum of at least 2^-42 ~ 2.3e-13, i.e. unless all k chosen logits are below about -29).
-- Qwen2-MoE/OLMoE round the routing weights to the model dtype before weighting; we keep them in fp32.
+- Qwen2-MoE/OLMoE/Qwen3-MoE round the routing weights to the model dtype before weighting; we keep them in fp32.
+- gpt-oss takes the softmax of the k chosen logits; we take the softmax over all E and renormalise the k chosen,
+  which is the same number (the other experts' terms cancel), to rounding; its router logits and gate are in
+  the model dtype, ours in fp32.
 - the weighted sum runs in fp32 in slot order; transformers' eager loop adds in expert order in the model dtype.
 """
 
@@ -51,6 +57,8 @@ class _BlockSpec:
     shared_gate: nn.Linear | None = None  # Linear(H, 1, bias=False): sigmoid scale of the shared expert
     jitter_noise: float = 0.0  # Mixtral: multiplicative input noise U(1-j, 1+j) while training
     logits_fp32: bool = False  # the dtype the family's router logits come out in (for recorders)
+    router_name: str = "gate"  # the block's attribute holding the router
+    returns_scores: bool = False  # gpt-oss: the block returns (hidden_states, routing weights [T, k])
 
 
 def _mixtral(block) -> _BlockSpec:
@@ -83,12 +91,26 @@ def _deepseek_v3(block) -> _BlockSpec:
                       shared=block.shared_experts, logits_fp32=True)
 
 
+def _qwen3_moe(block) -> _BlockSpec:
+    return _BlockSpec("qwen3_moe", block.gate, block.experts, int(block.gate.top_k),
+                      dict(score_func="softmax", renormalize=bool(block.gate.norm_topk_prob)))
+
+
+def _gpt_oss(block) -> _BlockSpec:
+    # softmax over the top-k logits = softmax over all experts, top-k, renormalised; the router has a bias.
+    return _BlockSpec("gpt_oss", block.router, block.experts, int(block.router.top_k),
+                      dict(score_func="softmax", renormalize=True, router_bias=True), router_name="router",
+                      returns_scores=True)
+
+
 # Exact classes only: a subclass may change the forward.
 _CONVERTERS: dict[str, Callable] = {
     "transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock": _mixtral,
     "transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock": _qwen2_moe,
     "transformers.models.olmoe.modeling_olmoe.OlmoeSparseMoeBlock": _olmoe,
     "transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3MoE": _deepseek_v3,
+    "transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock": _qwen3_moe,
+    "transformers.models.gpt_oss.modeling_gpt_oss.GptOssMLP": _gpt_oss,
 }
 
 
@@ -108,8 +130,9 @@ class _RouterTap:
     transformers collects `router_logits` (for `output_router_logits=True` and the auxiliary loss) with forward
     hooks on instances of the family's router class. The tap is an instance of a subclass of that class whose
     forward only hands back the routing the FusedMoE already computed: (router_logits, weights, ids), the
-    router's own output order. It owns no parameters; `weight` (and DeepSeek-V3's `e_score_correction_bias`)
-    read through to the FusedMoE's, so transformers' `_init_weights` re-initialises the right tensors.
+    router's own output order. It owns no parameters; `weight` (and DeepSeek-V3's `e_score_correction_bias`,
+    gpt-oss' `bias`) read through to the FusedMoE's, so transformers' `_init_weights` re-initialises the right
+    tensors.
     """
 
     def __init__(self, layer: FusedMoE):
@@ -123,6 +146,10 @@ class _RouterTap:
     @property
     def e_score_correction_bias(self) -> torch.Tensor | None:
         return self._layer.expert_bias
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self._layer.router_bias
 
     def forward(self, router_logits: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor):
         return router_logits, topk_weights, topk_ids
@@ -145,19 +172,22 @@ def _router_tap(router_cls: type, layer: FusedMoE) -> nn.Module:
 class FlashMoEBlock(nn.Module):
     """A transformers sparse-MoE block run by one FusedMoE: same call, same output as the block it replaces.
 
-    forward(hidden_states [..., H]) -> [..., H] in hidden_states.dtype (the four supported families all return
-    the hidden states alone in transformers 5). Children: `moe` (the FusedMoE: router_weight, expert_bias,
-    w_up, w_down, shared_*), `gate` (a router tap that reports the routing to transformers' output recorders).
+    forward(hidden_states [..., H]) -> [..., H] in hidden_states.dtype, or for gpt-oss, whose block also returns
+    its routing weights, (that, weights [T, k] in hidden_states.dtype). Children: `moe` (the FusedMoE:
+    router_weight, router_bias, expert_bias, w_up, w_down, shared_*) and, under the family's name for its router
+    (`gate`, gpt-oss `router`), a router tap that reports the routing to transformers' output recorders.
     """
 
     def __init__(self, moe: FusedMoE, gate: nn.Module, family: str, jitter_noise: float = 0.0,
-                 logits_fp32: bool = False):
+                 logits_fp32: bool = False, router_name: str = "gate", returns_scores: bool = False):
         super().__init__()
         self.moe = moe
-        self.gate = gate
+        self.router_name = router_name
+        self.add_module(router_name, gate)
         self.family = family
         self.jitter_noise = jitter_noise
         self.logits_fp32 = logits_fp32
+        self.returns_scores = returns_scores
 
     @property
     def aux_loss(self) -> torch.Tensor | None:
@@ -172,8 +202,8 @@ class FlashMoEBlock(nn.Module):
         y = self.moe(x)
         routing = self.moe.last_output.routing
         logits = routing.logits if self.logits_fp32 else routing.logits.to(x.dtype)
-        self.gate(logits, routing.topk_weights, routing.topk_ids)
-        return y
+        getattr(self, self.router_name)(logits, routing.topk_weights, routing.topk_ids)
+        return (y, routing.topk_weights.to(x.dtype)) if self.returns_scores else y
 
     def extra_repr(self) -> str:
         return f"family={self.family}"
@@ -223,7 +253,8 @@ def from_hf(block: nn.Module, *, backend: str = "auto") -> FlashMoEBlock:
     spec = convert(block)
     where = type(block).__name__
     layout = inspect_experts(spec.experts)
-    _check_no_bias(spec.router, f"{where}.gate")
+    if not spec.routing.get("router_bias"):
+        _check_no_bias(spec.router, f"{where}.{spec.router_name}")
     e, h = layout.num_experts, layout.hidden_size
     if tuple(spec.router.weight.shape) != (e, h):
         raise UnsupportedHFModule(f"{where}: router weight {tuple(spec.router.weight.shape)} does not match "
@@ -234,7 +265,7 @@ def from_hf(block: nn.Module, *, backend: str = "auto") -> FlashMoEBlock:
     if spec.shared_gate is not None:
         _check_no_bias(spec.shared_gate, f"{where}.shared_expert_gate")
     cfg = MoEConfig(hidden_size=h, ffn_hidden_size=layout.intermediate_size, num_experts=e, top_k=spec.top_k,
-                    activation=layout.activation, bias=layout.has_bias,
+                    activation=layout.activation, **layout.activation_fields, bias=layout.has_bias,
                     num_shared_experts=1 if shared is not None else 0,
                     shared_ffn_hidden_size=shared[1].shape[0] if shared is not None else None,
                     shared_expert_gate=spec.shared_gate is not None, **spec.routing)
@@ -256,6 +287,9 @@ def from_hf(block: nn.Module, *, backend: str = "auto") -> FlashMoEBlock:
         # The router and the shared gate may keep their own dtype (logits are computed in fp32 anyway).
         layer.router_weight = nn.Parameter(spec.router.weight.detach().clone(),
                                            requires_grad=spec.router.weight.requires_grad)
+        if cfg.router_bias:
+            layer.router_bias = nn.Parameter(spec.router.bias.detach().clone(),
+                                             requires_grad=spec.router.bias.requires_grad)
         if spec.shared_gate is not None:
             layer.shared_gate_weight = nn.Parameter(spec.shared_gate.weight.detach().clone(),
                                                     requires_grad=spec.shared_gate.weight.requires_grad)
@@ -263,8 +297,9 @@ def from_hf(block: nn.Module, *, backend: str = "auto") -> FlashMoEBlock:
             layer.expert_bias.copy_(spec.router.e_score_correction_bias)
 
     new = FlashMoEBlock(layer, _router_tap(type(spec.router), layer), spec.family, spec.jitter_noise,
-                        spec.logits_fp32)
-    _carry_hooks(spec.router, new.gate, pre=False)  # the tap is called with the routing, not the router's input
+                        spec.logits_fp32, spec.router_name, spec.returns_scores)
+    # the tap is called with the routing, not the router's input
+    _carry_hooks(spec.router, getattr(new, spec.router_name), pre=False)
     _carry_hooks(block, new, pre=True)
     return new.train(block.training)
 

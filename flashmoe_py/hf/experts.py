@@ -10,6 +10,11 @@ layout flags, set by `@use_experts_implementation`:
   has_bias        gate_up_proj_bias / up_proj_bias [E, N_up] and down_proj_bias [E, H]
   has_post_expert_norm, _is_expert_parallel   (not supported: an error names them)
 
+The activation is read from the module: `act_fn` (an ACT2FN module, or F.silu / F.gelu / F.relu given as
+functions) with transformers' default gate, or, for a module with its own `_apply_gate`, the one of our gated
+activations that the gate computes on probe inputs, with its parameters taken from the module (gpt-oss' alpha and
+limit, DeepSeek-V4's swiglu_limit, Inkling2's softcaps). Anything else is refused, naming what cannot be expressed.
+
 Our layout (DESIGN §2.5) is input-major: w_up [E, H, N_up] with gate columns first, w_down [E, I, H].
 `expert_params` maps one onto the other without copying where a view does it (transposes); the interleaved
 layout needs a column permutation, which is computed once, cached on the module and recomputed only when
@@ -20,7 +25,8 @@ module's own parameters by `_CachedRelayout`.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -37,7 +43,8 @@ class UnsupportedHFModule(ValueError):
 class ExpertsLayout:
     """What an experts module holds, read once from its flags and parameter shapes.
 
-    num_experts E, hidden_size H, intermediate_size I; activation is ours (DESIGN §2.5).
+    num_experts E, hidden_size H, intermediate_size I; activation is ours (DESIGN §2.5), activation_fields the
+    MoEConfig fields of its parameters (e.g. swiglu_alpha, swiglu_limit).
     """
 
     num_experts: int
@@ -48,30 +55,54 @@ class ExpertsLayout:
     transposed: bool
     concatenated: bool
     has_bias: bool
+    activation_fields: dict = field(default_factory=dict)
 
     def config(self, top_k: int) -> MoEConfig:
         return MoEConfig(hidden_size=self.hidden_size, ffn_hidden_size=self.intermediate_size,
-                         num_experts=self.num_experts, top_k=top_k, activation=self.activation, bias=self.has_bias)
+                         num_experts=self.num_experts, top_k=top_k, activation=self.activation, bias=self.has_bias,
+                         **self.activation_fields)
+
+
+# Activation functions some families store as plain functions (LFM2-MoE: act_fn = F.silu): the same as their
+# module forms. F.gelu's default is the exact erf form.
+_FUNCTIONS = {torch.nn.functional.silu: "silu", torch.nn.functional.gelu: "gelu", torch.nn.functional.relu: "relu",
+              torch.relu: "relu"}
 
 
 def activation_name(act_fn, *, gated: bool, where: str) -> str:
-    """Our activation for a transformers activation module (`ACT2FN[...]` instance).
+    """Our activation for a transformers activation module (`ACT2FN[...]` instance) or function.
 
-    Matched on the module's class, which is what the eager forward runs: SiLU -> silu/swiglu, exact GELU ->
-    gelu/geglu, ReLU -> relu (plain only). Anything else raises, naming the activation.
+    Matched on the module's class (or the function itself), which is what the eager forward runs: SiLU / F.silu ->
+    silu or swiglu, exact GELU / F.gelu -> gelu or geglu, ReLU / F.relu -> relu, ReLUSquared -> relu2 (plain only).
+    Anything else raises, naming the activation.
     """
     from transformers import activations as hf_act
 
-    if isinstance(act_fn, (hf_act.SiLUActivation, torch.nn.SiLU)):
-        return "swiglu" if gated else "silu"
-    if type(act_fn) is hf_act.GELUActivation:  # both of its forms (F.gelu, the python erf) are exact
-        return "geglu" if gated else "gelu"
-    if isinstance(act_fn, torch.nn.ReLU) and not gated:
-        return "relu"
+    plain = None
+    if callable(act_fn) and not isinstance(act_fn, torch.nn.Module):
+        try:
+            plain = _FUNCTIONS.get(act_fn)
+        except TypeError:  # an unhashable callable is none of them
+            pass
+    if plain is None:
+        if isinstance(act_fn, (hf_act.SiLUActivation, torch.nn.SiLU)):
+            plain = "silu"
+        elif type(act_fn) is hf_act.GELUActivation:  # both of its forms (F.gelu, the python erf) are exact
+            plain = "gelu"
+        elif isinstance(act_fn, torch.nn.ReLU):
+            plain = "relu"
+        elif type(act_fn) is hf_act.ReLUSquaredActivation:
+            plain = "relu2"
+    if gated and plain in ("silu", "gelu"):
+        return "swiglu" if plain == "silu" else "geglu"
+    if not gated and plain is not None:
+        return plain
     kind = "gated" if gated else "plain"
+    name = getattr(act_fn, "__name__", None) if not isinstance(act_fn, torch.nn.Module) else None
     raise UnsupportedHFModule(
-        f"{where}: activation {type(act_fn).__name__} ({kind}) is not one of flashmoe_py's activations "
-        f"(gated: silu -> swiglu, exact gelu -> geglu; plain: silu, exact gelu, relu)")
+        f"{where}: activation {name or type(act_fn).__name__} ({kind}) is not one of flashmoe_py's activations "
+        f"(gated: silu -> swiglu, exact gelu -> geglu; plain: silu, exact gelu, relu, relu2; functions F.silu, "
+        f"F.gelu, F.relu count as their modules)")
 
 
 def _flag(module, name: str, default):
@@ -79,24 +110,31 @@ def _flag(module, name: str, default):
 
 
 # Probe magnitudes for a custom gate: a clamp anywhere below ~1e18 changes some output (gate * up stays
-# finite in fp32 up to there), so a clamped gate cannot pass for a plain one.
+# finite in fp32 up to there), so a clamped gate cannot pass for a plain one, nor one clamp for another.
 _PROBE_SCALES = (1.0, 10.0, 1e3, 1e6, 1e12, 1e18)
+_KNOBS = ("alpha", "limit", "swiglu_alpha", "swiglu_limit")
 
 
-def _gate_detail(module) -> str:
-    knobs = {n: getattr(module, n) for n in ("alpha", "limit", "swiglu_alpha", "swiglu_limit") if hasattr(module, n)}
-    return f" ({', '.join(f'{k}={v}' for k, v in knobs.items())})" if knobs else ""
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _probe_gate(module, intermediate: int, concatenated: bool, device, where: str) -> str:
-    """Our gated activation equal to the module's own `_apply_gate`, checked on probe inputs, or raise.
+def _softcaps(module) -> list[tuple[float, float]]:
+    """(gate cap, up cap) pairs a softcapped gate may use: Inkling2's act_fn.gate_softcap.softcap / up_softcap."""
+    act = getattr(module, "act_fn", None)
+    caps = []
+    for holder in (act, module):
+        g, u = getattr(holder, "gate_softcap", None), getattr(holder, "up_softcap", None)
+        g, u = getattr(g, "softcap", g), getattr(u, "softcap", u)
+        if _number(g) and _number(u):
+            caps.append((float(g), float(u)))
+    return caps
 
-    transformers hands `_apply_gate` the up-projection output in the stored column order, so an interleaved
-    layout (is_concatenated=False) always comes with its own gate function; we run it only if it computes
-    exactly act(gate) * up for that layout with one of our activations.
-    """
-    from ..activations import apply_activation
 
+def _gate_candidates(module, where: str) -> list[tuple[str, dict]]:
+    """(activation, its MoEConfig fields) that a custom `_apply_gate` may compute, from the module's act_fn and its
+    parameters: plain swiglu/geglu, then gpt-oss' swiglu_oai for every (alpha, limit) the module holds, the clamped
+    swiglu for every limit, the softcapped swiglu for every pair of caps. The probe decides which, if any."""
     names = []
     if hasattr(module, "act_fn"):
         try:
@@ -105,6 +143,37 @@ def _probe_gate(module, intermediate: int, concatenated: bool, device, where: st
             pass
     else:
         names = ["swiglu", "geglu"]
+    out = [(n, {}) for n in names]
+    alphas = sorted({float(getattr(module, n)) for n in ("alpha", "swiglu_alpha") if _number(getattr(module, n, None))})
+    limits = sorted({float(getattr(module, n)) for n in ("limit", "swiglu_limit") if _number(getattr(module, n, None))})
+    out += [("swiglu_oai", dict(swiglu_alpha=a, swiglu_limit=lim)) for a in alphas for lim in limits]
+    out += [("swiglu_clamped", dict(swiglu_limit=lim)) for lim in limits]
+    out += [("swiglu_softcap", dict(swiglu_gate_softcap=g, swiglu_up_softcap=u)) for g, u in _softcaps(module)]
+    return out
+
+
+def _gate_knobs(module) -> tuple:
+    """The values a custom gate's mapping depends on (for the layout cache)."""
+    return tuple(getattr(module, n, None) for n in _KNOBS) + tuple(_softcaps(module))
+
+
+def _gate_detail(module) -> str:
+    knobs = {n: getattr(module, n) for n in _KNOBS if hasattr(module, n)}
+    knobs.update({"softcaps (gate, up)": c for c in _softcaps(module)})
+    return f" ({', '.join(f'{k}={v}' for k, v in knobs.items())})" if knobs else ""
+
+
+def _probe_gate(module, intermediate: int, concatenated: bool, device, where: str) -> tuple[str, dict]:
+    """Our gated activation (and its MoEConfig fields) equal to the module's own `_apply_gate`, checked on probe
+    inputs, or raise.
+
+    transformers hands `_apply_gate` the up-projection output in the stored column order, so an interleaved
+    layout (is_concatenated=False) always comes with its own gate function; we run it only if it computes
+    exactly one of our gated activations for that layout. The probe is fp32, where our activations are computed
+    (the kernels from fp32 accumulators; the reference in fp32 for the parameterised ones).
+    """
+    from ..activations import apply_activation
+
     gen = torch.Generator().manual_seed(0)
     probe = torch.cat([torch.randn(4, 2 * intermediate, generator=gen) * s for s in _PROBE_SCALES]).to(device)
     with torch.no_grad():
@@ -112,17 +181,22 @@ def _probe_gate(module, intermediate: int, concatenated: bool, device, where: st
             got = module._apply_gate(probe)
         except Exception as err:  # a gate that cannot run on a probe cannot be verified
             got = err
-        for name in names:
-            ours = probe if concatenated else _deinterleave(probe)
-            want = apply_activation(ours, name)
-            if isinstance(got, torch.Tensor) and got.shape == want.shape and torch.allclose(got, want, rtol=1e-6,
-                                                                                            atol=0.0):
-                return name
+        ours = probe if concatenated else _deinterleave(probe)
+        for name, fields in _gate_candidates(module, where):
+            try:
+                key = MoEConfig(1, 1, 1, 1, activation=name, **fields).activation_key
+            except ValueError:  # a parameter our activation cannot take (e.g. limit <= 0)
+                continue
+            want = apply_activation(ours, key)
+            if isinstance(got, torch.Tensor) and got.shape == want.shape and got.dtype == want.dtype and \
+                    torch.allclose(got, want, rtol=1e-6, atol=0.0, equal_nan=True):
+                return name, fields
     layout = "concatenated" if concatenated else "interleaved"
     raise UnsupportedHFModule(
-        f"{where}._apply_gate{_gate_detail(module)} does not compute act(gate) * up with act silu or exact gelu "
-        f"on the {layout} gate/up columns (is_concatenated={concatenated}); flashmoe_py has no activation for "
-        f"it (gpt-oss' clamped swiglu with alpha and limit is one such gate)")
+        f"{where}._apply_gate{_gate_detail(module)} computes none of flashmoe_py's gated activations on the {layout} "
+        f"gate/up columns (is_concatenated={concatenated}): act(gate) * up with silu or exact gelu, gpt-oss' "
+        f"clamped swiglu (swiglu_oai: alpha, limit), the clamped silu gate (swiglu_clamped: limit) or the softcapped "
+        f"swiglu (swiglu_softcap: caps), with the parameters the module holds")
 
 
 def inspect_experts(module) -> ExpertsLayout:
@@ -134,7 +208,12 @@ def inspect_experts(module) -> ExpertsLayout:
         raise UnsupportedHFModule(f"{where}: not a transformers experts module (no layout flags; it must be "
                                   f"decorated with @use_experts_implementation)")
     if _flag(module, "has_post_expert_norm", False):
-        raise UnsupportedHFModule(f"{where}: has_post_expert_norm=True (a norm after each expert) is not supported")
+        norm = getattr(module, "post_expert_norm", None)
+        raise UnsupportedHFModule(
+            f"{where}: has_post_expert_norm=True ({type(norm).__name__ if norm is not None else 'a norm'} over each "
+            f"expert's output row, before the routing weight) is not supported: flashmoe_py's experts end in the "
+            f"down projection, whose epilogue applies the routing weight to one column tile at a time, and a "
+            f"row norm needs the whole row")
     gated, transposed = bool(module.has_gate), bool(module.is_transposed)
     concatenated, has_bias = bool(_flag(module, "is_concatenated", True)), bool(_flag(module, "has_bias", False))
 
@@ -151,6 +230,7 @@ def inspect_experts(module) -> ExpertsLayout:
         raise UnsupportedHFModule(f"{where}: inconsistent expert shapes up {tuple(up.shape)}, down "
                                   f"{tuple(down.shape)} for is_transposed={transposed}")
 
+    fields = {}
     if not gated:
         if not hasattr(module, "act_fn"):
             raise UnsupportedHFModule(f"{where}: no act_fn; cannot tell its activation")
@@ -160,8 +240,8 @@ def inspect_experts(module) -> ExpertsLayout:
             raise UnsupportedHFModule(f"{where}: no act_fn; cannot tell its activation")
         activation = activation_name(module.act_fn, gated=True, where=where)
     else:
-        activation = _probe_gate(module, i, concatenated, up.device, where)
-    return ExpertsLayout(e, h, i, activation, gated, transposed, concatenated, has_bias)
+        activation, fields = _probe_gate(module, i, concatenated, up.device, where)
+    return ExpertsLayout(e, h, i, activation, gated, transposed, concatenated, has_bias, fields)
 
 
 def _deinterleave(t: torch.Tensor) -> torch.Tensor:
@@ -255,7 +335,9 @@ def _layout_of(module) -> ExpertsLayout:
     up = getattr(module, "gate_up_proj", None) if getattr(module, "has_gate", True) else getattr(module, "up_proj")
     key = tuple(_flag(module, f, None) for f in ("has_gate", "is_transposed", "is_concatenated", "has_bias",
                                                   "has_post_expert_norm")) + (
-        None if up is None else tuple(up.shape), type(getattr(module, "act_fn", None)))
+        None if up is None else tuple(up.shape), type(getattr(module, "act_fn", None)),
+        getattr(module, "act_fn", None) if not isinstance(getattr(module, "act_fn", None), torch.nn.Module) else None,
+        _gate_knobs(module))
     cache = _cache_of(module)
     hit = cache.get("layout")
     if hit is None or hit[0] != key:

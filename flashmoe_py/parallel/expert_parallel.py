@@ -27,11 +27,12 @@ class ExpertParallel:
     """Placement + transport for one layer. `exchange_for(dtype, device)` gives the object whose
     `run(region, send_rows, send_counts) -> ExchangeResult` moves packets."""
 
-    def __init__(self, cfg: MoEConfig, process_group, transport: str = "auto", *, max_tokens_per_rank: int | None = None,
-                 timeout_s: float | None = None, device=None, fused_sms: int | None = None):
+    def __init__(self, cfg: MoEConfig, process_group, transport: str = "auto", *,
+                 max_tokens_per_rank: int | None = None, timeout_s: float | None = None, device=None,
+                 fused_sms: int | None = None):
         if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError("process_group: torch.distributed is not initialized (call "
-                             "torch.distributed.init_process_group first, or use flashmoe_py.dist.init_process_group)")
+            raise ValueError("process_group: torch.distributed is not initialized (call torch.distributed."
+                             "init_process_group first, or use flashmoe_py.parallel.init_process_group)")
         self.group = process_group
         self.world_size = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)

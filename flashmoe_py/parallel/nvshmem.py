@@ -1,9 +1,10 @@
 """`nvshmem` transport: the symmetric heap as one NVSHMEM symmetric tensor per rank (nvshmem4py), on GPUs.
 
-Bootstrap: under mpirun, `nvshmem.core.init(mpi_comm=COMM_WORLD)`; otherwise (torchrun,
-torch.multiprocessing) rank 0 of the process group creates an NVSHMEM unique id and broadcasts it over the
-group, and every rank calls `init(uid=..., rank=group rank, nranks=W)`. NVSHMEM is initialised once per
-process. The heap is `nvshmem.core.tensor((layout.size,), uint8)`, zeroed, with the layout of layout.py.
+Bootstrap: under mpirun with mpi4py, `nvshmem.core.init(mpi_comm=COMM_WORLD)`; otherwise (torchrun,
+torch.multiprocessing, mpirun without mpi4py) rank 0 of the process group creates an NVSHMEM unique id and
+broadcasts it over the group, and every rank calls `init(uid=..., rank=group rank, nranks=W)`. NVSHMEM is
+initialised once per process. The heap is `nvshmem.core.tensor((layout.size,), uint8)`, zeroed, with the layout
+of layout.py.
 
 Primitives (host-driven, like protocol.py on the CPU heaps):
 - put:    a copy into the peer's segment through its peer-mapped tensor (`get_peer_tensor`, NVLink/P2P),
@@ -63,7 +64,7 @@ def _init_runtime(group, device: torch.device) -> None:
 
     dev = Device(device.index if device.index is not None else torch.cuda.current_device())
     dev.set_current()
-    if env.launch_env().launcher == "mpirun":
+    if env.launch_env().launcher == "mpirun" and importlib.util.find_spec("mpi4py") is not None:
         from mpi4py import MPI
         nvshmem.init(device=dev, mpi_comm=MPI.COMM_WORLD, initializer_method="mpi")
     else:

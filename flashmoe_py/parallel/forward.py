@@ -60,7 +60,8 @@ class _ExpertParallelExperts(torch.autograd.Function):
             if track:
                 rows = rows.requires_grad_(True)
                 weights = tuple(None if t is None else t.detach().requires_grad_(t.requires_grad) for t in weights)
-            local = MoEParams(router_weight=None, w_up=weights[0], w_down=weights[1], b_up=weights[2], b_down=weights[3])
+            local = MoEParams(router_weight=None, w_up=weights[0], w_down=weights[1], b_up=weights[2],
+                              b_down=weights[3])
             y = expert_ffn(rows, counts.to(send_rows.device), local, activation)
         y_src = y.detach().new_empty(y.shape).index_copy_(0, perm, y.detach())
         back = exchange.run(RETURN, y_src, sent.counts)
@@ -131,12 +132,12 @@ def ep_moe_forward(x: torch.Tensor, params: MoEParams, cfg: MoEConfig, routing: 
     """
     ep.check_tokens(x.shape[0])
     if routing is None:
-        routing = route(x, params.router_weight, params.expert_bias, cfg)
+        routing = route(x, params.router_weight, params.expert_bias, cfg, params.router_bias)
     order = sort_by_expert(routing.topk_ids, routing.kept, cfg.num_experts)
     send_counts = order.counts.view(ep.world_size, ep.num_local_experts).cpu()
     send_rows = x.index_select(0, order.order // cfg.top_k)
     exchange = ep.exchange_for(x.dtype, x.device)
-    y_rows, bytes_sent = exchange_experts(send_rows, send_counts, exchange, expert_ffn, cfg.activation, params.w_up,
+    y_rows, bytes_sent = exchange_experts(send_rows, send_counts, exchange, expert_ffn, cfg.activation_key, params.w_up,
                                           params.w_down, params.b_up, params.b_down)
     out = combine(y_rows, order, routing.topk_weights, cfg.deterministic)
     if cfg.num_shared_experts > 0:
