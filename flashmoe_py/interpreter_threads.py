@@ -59,7 +59,7 @@ def _acquire_lang(fn) -> None:
     """Patch triton.language for the interpreter (first concurrent launch only; later ones share the patch)."""
     with _lock:
         _lang["users"] += 1
-        _lang["scopes"].append(_interp()._patch_lang(fn))
+        _lang["scopes"].append(_state["saved_patch"](fn))
 
 
 def _release_lang() -> None:
@@ -128,8 +128,23 @@ def _install() -> None:
     builder_cls.grid_dim = _grid_dim_property(_state["saved_inst"].get("grid_dim"))
     _state["saved_call"] = interp.GridExecutor.__call__
     interp.GridExecutor.__call__ = _concurrent_call
+    # The interpreter rewrites a jit function the first time it is called (adding names to its module's globals)
+    # and patches triton.language at every device-function call (iterating those globals): two program threads
+    # doing both at once raise "dictionary changed size during iteration". One lock serialises the two.
+    _state["saved_patch"] = interp._patch_lang
+    _state["saved_rewrite"] = interp.InterpretedFunction.rewrite
+    interp._patch_lang = _locked(interp._patch_lang)
+    interp.InterpretedFunction.rewrite = _locked(interp.InterpretedFunction.rewrite)
     _state["saved_interval"] = sys.getswitchinterval()
     sys.setswitchinterval(1e-5)
+
+
+def _locked(fn):
+    def call(*args, **kwargs):
+        with _lock:
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def _grid_dim_property(default):
@@ -152,6 +167,8 @@ def _uninstall() -> None:
             delattr(builder_cls, name)
     interp.interpreter_builder.__dict__.update(_state["saved_inst"])
     interp.GridExecutor.__call__ = _state["saved_call"]
+    interp._patch_lang = _state["saved_patch"]
+    interp.InterpretedFunction.rewrite = _state["saved_rewrite"]
     sys.setswitchinterval(_state["saved_interval"])
 
 
