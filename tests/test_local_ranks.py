@@ -3,24 +3,16 @@ cross-rank protocol with every rank's persistent grid running at the same time, 
 addressed through peer offsets.
 
 Without a CUDA device: each rank is a thread, each rank's launch runs its programs as concurrent threads under
-TRITON_INTERPRET=1 (set here at import, as tests/test_fused.py explains). With one: each rank's kernel on its own
+TRITON_INTERPRET=1 (tests/conftest.py sets it). With one: each rank's kernel on its own
 CUDA stream, the grid split between the ranks (`sms`), compiled. The same tests, the same checks: every rank's
 output equals the single-process reference on its tokens, the bytes each rank put are the exact minimum, and
 more than one program of every rank's grid claimed tasks.
 """
 
-import os
-import sys
-
 import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    if "flashmoe_py.kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("flashmoe_py.kernels was imported compiled before the interpreter tests could set "
-                           "TRITON_INTERPRET=1; run them in a fresh process")
-    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
 import flashmoe_py as fm  # noqa: E402
