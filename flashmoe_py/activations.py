@@ -16,12 +16,13 @@ from .config import ACTIVATION_FIELDS, ACTIVATIONS
 
 _PLAIN = {
     "gelu": lambda t: F.gelu(t, approximate="none"),
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
     "relu": F.relu,
     "silu": F.silu,
     "relu2": lambda t: torch.square(F.relu(t)),
 }
 # Gated activations: act(gate) * up with the gate in the first half of the columns.
-_GATE_OF = {"swiglu": F.silu, "geglu": lambda t: F.gelu(t, approximate="none")}
+_GATE_OF = {"swiglu": F.silu, "geglu": _PLAIN["gelu"], "geglu_tanh": _PLAIN["gelu_tanh"]}
 
 
 @functools.lru_cache(maxsize=None)

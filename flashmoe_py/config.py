@@ -6,8 +6,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-GATED_ACTIVATIONS = ("swiglu", "geglu", "swiglu_oai", "swiglu_clamped", "swiglu_softcap")
-PLAIN_ACTIVATIONS = ("gelu", "relu", "silu", "relu2")
+GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh", "swiglu_oai", "swiglu_clamped", "swiglu_softcap")
+PLAIN_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "relu2")
 ACTIVATIONS = GATED_ACTIVATIONS + PLAIN_ACTIVATIONS
 # The MoEConfig fields each parameterised activation reads, in the order `activation_key` lists them.
 ACTIVATION_FIELDS = {
@@ -35,11 +35,13 @@ class MoEConfig:
     hidden_size: H, the token width.
     ffn_hidden_size: I, each routed expert's inner width (the gated activations use 2I up-projection columns).
     num_experts: E, the routed experts over all ranks. top_k: k experts per token.
-    activation: gated (N_up = 2I, columns [0, I) gate g, [I, 2I) up u): "swiglu" silu(g) * u, "geglu" gelu(g) * u,
+    activation: gated (N_up = 2I, columns [0, I) gate g, [I, 2I) up u): "swiglu" silu(g) * u, "geglu" gelu(g) * u
+      (exact erf), "geglu_tanh" gelu_tanh(g) * u (Gemma 4),
       "swiglu_oai" (gpt-oss) (clamp(u, -limit, limit) + 1) * g' * sigmoid(swiglu_alpha * g') with
       g' = min(g, limit), "swiglu_clamped" (DeepSeek-V4) silu(min(g, limit)) * clamp(u, -limit, limit), both with
       limit = swiglu_limit; "swiglu_softcap" (Inkling2) c_g tanh(g / c_g) * sigmoid(g) * c_u tanh(u / c_u) with
-      c_g = swiglu_gate_softcap, c_u = swiglu_up_softcap; plain (N_up = I): "gelu" (erf), "relu", "silu",
+      c_g = swiglu_gate_softcap, c_u = swiglu_up_softcap; plain (N_up = I): "gelu" (erf), "gelu_tanh" (the tanh
+      approximation 0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))), PyTorch's approximate="tanh"), "relu", "silu",
       "relu2" (relu(z)^2, Nemotron-H).
     swiglu_alpha / swiglu_limit / swiglu_gate_softcap / swiglu_up_softcap: the parameters of the activations
       above; required by the activation that reads them and None otherwise.

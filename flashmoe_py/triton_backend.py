@@ -37,7 +37,8 @@ from .config import GATED_ACTIVATIONS, MoEConfig
 from .records import MoEOutput, MoEParams, MoEStats, Routing
 from .routing import router_logits, routing_losses, scores_from_logits, weights_from_scores
 
-_GATE_ACT = {"swiglu": ("silu", True), "geglu": ("gelu", True)}  # act(gate) * up: the gate's function
+# act(gate) * up: the gate's function
+_GATE_ACT = {"swiglu": ("silu", True), "geglu": ("gelu", True), "geglu_tanh": ("gelu_tanh", True)}
 _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
                  torch.int32: "i32", torch.int64: "i64", torch.bool: "i1", torch.int8: "i8"}
 

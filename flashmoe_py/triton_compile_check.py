@@ -52,18 +52,19 @@ ACTIVATION_VALUES = {"swiglu_oai": dict(swiglu_alpha=1.702, swiglu_limit=7.0),
 EXTRA_ACTIVATION_DTYPES = ("fp32", "bf16")
 CASES = (
     ("train", dict(activation=("swiglu", "swiglu_oai"), bias=True, capacity_factor=1.25), 16384, True, False, False),
-    ("train-nd", dict(activation=("gelu", "relu2"), bias=True, score_func="sigmoid", expert_bias=True,
+    ("train-nd", dict(activation=("gelu", "relu2", "gelu_tanh"), bias=True, score_func="sigmoid", expert_bias=True,
                       num_expert_groups=8, topk_groups=4, deterministic=False, num_shared_experts=1), 16384, True,
      False, False),
-    ("ep-rows", dict(activation=("geglu", "swiglu_clamped", "swiglu_softcap")), 16384, True, True, False),
+    ("ep-rows", dict(activation=("geglu", "swiglu_clamped", "swiglu_softcap", "geglu_tanh")), 16384, True, True,
+     False),
     ("decode", dict(activation="swiglu"), 16, False, False, True),
 )
 # Fused kernel: (case, config overrides, tokens per rank, world size, puts, routing mode, save for backward,
 # dtypes, archs). "compute": router logits in the kernel (inference); "logits": given, pre-activations saved.
 FUSED_CASES = (
-    ("fused-w1", dict(activation=("swiglu", "swiglu_oai", "swiglu_clamped", "swiglu_softcap")), 16384, 1, "ptr",
-     "compute", False, DTYPES, ("sm_90", "sm_80")),
-    ("fused-w1t", dict(activation=("gelu", "relu2", "swiglu_oai"), bias=True, num_shared_experts=1,
+    ("fused-w1", dict(activation=("swiglu", "swiglu_oai", "swiglu_clamped", "swiglu_softcap", "gelu_tanh")), 16384, 1,
+     "ptr", "compute", False, DTYPES, ("sm_90", "sm_80")),
+    ("fused-w1t", dict(activation=("gelu", "relu2", "swiglu_oai", "geglu_tanh"), bias=True, num_shared_experts=1,
                        capacity_factor=1.25), 16384, 1, "ptr", "logits", True, ("bf16", "fp32"), ("sm_90", "sm_80")),
     ("fused-ep8", dict(activation="swiglu"), 2048, 8, "nvshmem", "compute", False, ("bf16",), ("sm_90",)),
 )

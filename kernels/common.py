@@ -2,13 +2,14 @@
 
 Every helper works on fp32 or fp64 values; kernels upcast loads to their accumulator type first.
 
-Activations (DESIGN §2.5) come as two constexprs, ACT and GATED. Plain (GATED=False): ACT names act(z), one of
-"silu", "gelu" (exact erf), "relu", "relu2". Gated: ACT is either the gate function of act(gate) * up ("silu":
-swiglu, "gelu": geglu) or the key of a parameterised gated activation, its parameters in the string
-(`MoEConfig.activation_key`: "swiglu_oai:<alpha>:<limit>", "swiglu_clamped:<limit>",
-"swiglu_softcap:<gate cap>:<up cap>"), read at compile time by `act_name` / `act_param`: the parameters are
-compile-time constants of the kernel variant, materialised in the accumulator's dtype (fp64 stays exact). A local
-holding one must be annotated `tl.constexpr`: the interpreter turns an unannotated one into an fp32 scalar.
+Activations (DESIGN §2.5) come as two constexprs, ACT and GATED. Plain (GATED=False): ACT names act(z), one of "silu",
+"gelu" (exact erf), "gelu_tanh" (tanh approximation), "relu", "relu2". Gated: ACT is either the gate function of
+act(gate) * up ("silu": swiglu, "gelu": geglu, "gelu_tanh": geglu_tanh) or the key of a parameterised gated
+activation, its parameters in the string (`MoEConfig.activation_key`: "swiglu_oai:<alpha>:<limit>",
+"swiglu_clamped:<limit>", "swiglu_softcap:<gate cap>:<up cap>"), read at compile time by `act_name` / `act_param`: the
+parameters are compile-time constants of the kernel variant, materialised in the accumulator's dtype (fp64 stays
+exact). A local holding one must be annotated `tl.constexpr`: the interpreter turns an unannotated one into an fp32
+scalar.
 """
 
 import triton
@@ -16,6 +17,8 @@ import triton.language as tl
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2), for the exact erf gelu
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 * pi), gelu's derivative
+_TWO_SQRT_2_PI = tl.constexpr(1.5957691216057308)  # 2 sqrt(2 / pi), the tanh gelu's inner scale doubled
+_GELU_CUBIC = tl.constexpr(0.044715)  # the tanh gelu's cubic coefficient
 
 
 @triton.jit
@@ -95,11 +98,15 @@ def _clamp_sym(z, limit: tl.constexpr):
 
 @triton.jit
 def act_fwd(z, ACT: tl.constexpr):
-    """ACT in {"silu", "gelu" (exact erf), "relu", "relu2"} applied to z (fp32/fp64)."""
+    """ACT in {"silu", "gelu" (exact erf), "gelu_tanh", "relu", "relu2"} applied to z (fp32/fp64)."""
     if ACT == "silu":
         y = z * _sigmoid(z)
     elif ACT == "gelu":
         y = 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
+    elif ACT == "gelu_tanh":
+        # 0.5 (1 + tanh(a)) = sigmoid(2a): no cancellation where tanh(a) nears -1 (z below about -3), where
+        # 1 + tanh(a) would lose every digit in fp32.
+        y = z * _sigmoid((z + z * z * z * _GELU_CUBIC) * _TWO_SQRT_2_PI)
     elif ACT == "relu2":
         r = tl.where(z < 0, 0.0, z)
         y = r * r
@@ -117,6 +124,10 @@ def act_grad(z, ACT: tl.constexpr):
         d = s * (1.0 + z * (1.0 - s))
     elif ACT == "gelu":
         d = 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2)) + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+    elif ACT == "gelu_tanh":
+        # d/dz z s(2a) = s + z 2 s (1 - s) a', s = sigmoid(2a), 2a' = 2 sqrt(2/pi) (1 + 3 * 0.044715 z^2).
+        s = _sigmoid((z + z * z * z * _GELU_CUBIC) * _TWO_SQRT_2_PI)
+        d = s + z * s * (1.0 - s) * ((z * z * (3.0 * _GELU_CUBIC) + 1.0) * _TWO_SQRT_2_PI)
     elif ACT == "relu2":
         d = 2.0 * tl.where(z > 0, z, 0.0)
     else:

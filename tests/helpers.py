@@ -7,8 +7,8 @@ import torch
 
 from flashmoe_py import MoEConfig, MoEParams, moe
 
-# The parameterised activations (and relu2), with limits and caps that the unit-scale pre-activations of
-# random_params cross often (the families' own values, 7 to 25, would leave the clamps idle here).
+# The parameterised activations (and relu2 and the tanh gelus), with limits and caps that the unit-scale
+# pre-activations of random_params cross often (the families' own values, 7 to 25, would leave the clamps idle here).
 ACTIVATION_CONFIGS = {
     # gpt-oss: clamped swiglu with alpha, expert biases, a router bias.
     "swiglu_oai_router_bias": dict(hidden_size=12, ffn_hidden_size=10, num_experts=4, top_k=2,
@@ -23,6 +23,12 @@ ACTIVATION_CONFIGS = {
                                     capacity_factor=1.0),
     # Nemotron-H: plain relu^2 with biases.
     "relu2_bias": dict(hidden_size=9, ffn_hidden_size=8, num_experts=4, top_k=2, activation="relu2", bias=True),
+    # Gemma 4: the tanh-approximated gelu gate (it departs from the erf gelu by up to 5e-4 near |z| = 2.7, far
+    # beyond the fp32 and fp64 tolerances), with a shared expert of the same activation; and its plain form.
+    "geglu_tanh_shared": dict(hidden_size=10, ffn_hidden_size=6, num_experts=4, top_k=2, activation="geglu_tanh",
+                              num_shared_experts=1),
+    "gelu_tanh_bias": dict(hidden_size=9, ffn_hidden_size=7, num_experts=5, top_k=2, activation="gelu_tanh",
+                           bias=True),
 }
 
 

@@ -26,6 +26,9 @@ def _act(cfg, v: torch.Tensor) -> torch.Tensor:
     def gelu(a):
         return 0.5 * a * (1.0 + torch.erf(a / math.sqrt(2.0)))
 
+    def gelu_tanh(a):
+        return 0.5 * a * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (a + 0.044715 * a ** 3)))
+
     def below(a, hi):  # min(a, hi); the gradient passes where a <= hi, as through a clamp
         return torch.where(a > hi, torch.full_like(a, hi), a)
 
@@ -34,8 +37,8 @@ def _act(cfg, v: torch.Tensor) -> torch.Tensor:
 
     if name == "relu2":
         return torch.clamp(v, min=0.0) ** 2
-    if name not in ("swiglu", "geglu", "swiglu_oai", "swiglu_clamped", "swiglu_softcap"):
-        return {"gelu": gelu, "silu": silu, "relu": lambda a: torch.clamp(a, min=0.0)}[name](v)
+    if name not in ("swiglu", "geglu", "geglu_tanh", "swiglu_oai", "swiglu_clamped", "swiglu_softcap"):
+        return {"gelu": gelu, "gelu_tanh": gelu_tanh, "silu": silu, "relu": lambda a: torch.clamp(a, min=0.0)}[name](v)
     half = v.shape[-1] // 2
     gate, up = v[..., :half], v[..., half:]
     if name == "swiglu_oai":  # gpt-oss
@@ -46,7 +49,7 @@ def _act(cfg, v: torch.Tensor) -> torch.Tensor:
     if name == "swiglu_softcap":  # Inkling2
         cg, cu = cfg.swiglu_gate_softcap, cfg.swiglu_up_softcap
         return cg * torch.tanh(gate / cg) * sigmoid(gate) * cu * torch.tanh(up / cu)
-    return (silu(gate) if name == "swiglu" else gelu(gate)) * up
+    return {"swiglu": silu, "geglu": gelu, "geglu_tanh": gelu_tanh}[name](gate) * up
 
 
 def _expert(x_t, p, e, cfg):

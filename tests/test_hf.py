@@ -290,28 +290,64 @@ def test_registered_experts_honour_layout_flags_and_track_parameter_updates(layo
                  f"{layout} output after .data writes and clear_cache")
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["reference", "triton", "fused"])
+def test_post_expert_norm_runs_each_slot_through_the_family_norm(backend, seed):
+    # MuseSpark: an input-scaled RMS norm on every (token, expert) output row, before the routing weight. The
+    # kernels see one row per (token, slot) with weight 1; a path that normed the weighted sum, or skipped the norm,
+    # differs by O(1) here (the norm rescales rows of norm ~0.3 to ~1, times 1 + weight of std 0.5).
+    from transformers.models.muse_spark import configuration_muse_spark as cfg_mod
+    from transformers.models.muse_spark import modeling_muse_spark as mod
+
+    config = cfg_mod.MuseSparkTextConfig(num_local_experts=6, moe_hidden_size=16, moe_intermediate_size=12)
+    experts = mod.MuseSparkExperts(config)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0.0, 16 ** -0.5)
+        experts.down_proj.normal_(0.0, 12 ** -0.5)
+        experts.post_expert_norm.weight.normal_(0.0, 0.5)
+    fh.register(backend=backend)
+    t, k = 7, 3
+    x = torch.randn(t, 16)
+    ids = torch.stack([torch.randperm(6)[:k] for _ in range(t)])
+    w = torch.rand(t, k) + 0.1
+    results = {}
+    for impl in ("eager", "flashmoe"):
+        experts.config = types.SimpleNamespace(_experts_implementation=impl)
+        experts.zero_grad(set_to_none=True)
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = experts(xi, ids, wi)
+        y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y))
+        results[impl] = (y.detach(), xi.grad, wi.grad, {n: p.grad for n, p in experts.named_parameters()})
+    (y_ref, dx_ref, dw_ref, dp_ref), (y, dx, dw, dp) = results["eager"], results["flashmoe"]
+    assert_close(y, y_ref, F32, f"{backend} output")
+    assert_close(dx, dx_ref, F32, f"{backend} d hidden_states")
+    assert_close(dw, dw_ref, F32, f"{backend} d top_k_weights")
+    for name, g in dp_ref.items():
+        assert_close(dp[name], g, F32, f"{backend} d {name}")
+
+
 def test_unsupported_variants_raise_errors_naming_the_flag(seed):
     from transformers.activations import ACT2FN
 
     fh.register(backend="reference")
-    mixtral = _tiny_model("mixtral")  # tanh-approximated gelu experts: no activation of ours
+    mixtral = _tiny_model("mixtral")  # quick gelu (z sigmoid(1.702 z)) experts: no activation of ours
     for name, block in _moe_blocks(mixtral):
-        block.experts.act_fn = ACT2FN["gelu_pytorch_tanh"]
+        block.experts.act_fn = ACT2FN["quick_gelu"]
     ids = torch.randint(0, COMMON["vocab_size"], (1, 4))
     mixtral.set_experts_implementation("flashmoe")
-    with pytest.raises(fh.UnsupportedHFModule, match=r"MixtralExperts: activation GELUTanh \(gated\)"):
+    with pytest.raises(fh.UnsupportedHFModule, match=r"MixtralExperts: activation QuickGELUActivation \(gated\)"):
         mixtral(ids)
     result = fh.patch(mixtral)
     assert result.count == 0 and sorted(result.skipped) == ["model.layers.0.mlp", "model.layers.1.mlp"]
-    assert "GELUTanh" in result.skipped["model.layers.0.mlp"]
+    assert "QuickGELUActivation" in result.skipped["model.layers.0.mlp"]
 
     config = types.SimpleNamespace(num_experts=3, hidden_size=8, intermediate_size=4, _experts_implementation=None)
     x, top, w = torch.randn(2, 8), torch.tensor([[0, 1], [2, 0]]), torch.rand(2, 2)
     cases = [
         (dict(concatenated=True, transposed=False, bias=False, gated=True, act="relu"), {}, "ReLU"),
-        (dict(concatenated=True, transposed=False, bias=False, gated=False, act="gelu_pytorch_tanh"), {}, "GELUTanh"),
+        (dict(concatenated=True, transposed=False, bias=False, gated=False, act="gelu_10"), {}, "ClippedGELU"),
         (dict(concatenated=True, transposed=True, bias=False, gated=True, act="silu"),
-         {"has_post_expert_norm": True}, "has_post_expert_norm"),
+         {"has_post_expert_norm": True}, "has_post_expert_norm=True but no post_expert_norm module"),
         (dict(concatenated=True, transposed=True, bias=False, gated=True, act="silu"),
          {"_is_expert_parallel": True}, "_is_expert_parallel"),
     ]

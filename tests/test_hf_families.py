@@ -32,17 +32,13 @@ from tests.tolerances import assert_close  # noqa: E402
 H, INNER, E, T, K = 12, 5, 4, 9, 2  # hidden, intermediate, experts, tokens, top-k (2 INNER != H: a transposition shows)
 
 # Refused on purpose, with the words the refusal must contain (and the README's "why").
-REFUSED = {
-    "MuseSparkExperts": "has_post_expert_norm=True",  # an RMS norm over each expert's output row
-    "Gemma4TextExperts": "activation GELUTanh",  # tanh-approximated gelu gate
-    "DiffusionGemmaTextExperts": "activation GELUTanh",
-}
+REFUSED: dict = {}
 # The activation each family maps to, where it is not plain swiglu (a change in the mapping shows here).
 ACTIVATION = {
     "GptOssExperts": "swiglu_oai", "OpenAIPrivacyFilterExperts": "swiglu_oai", "MiniMaxM3VLExperts": "swiglu_oai",
     "DeepseekV4Experts": "swiglu_clamped", "Glm5NextTextExperts": "swiglu_clamped", "HYV4Experts": "swiglu_clamped",
     "HYV4VLExperts": "swiglu_clamped", "Inkling2Experts": "swiglu_softcap", "Inkling2LoopExperts": "swiglu_softcap",
-    "NemotronHExperts": "relu2",
+    "NemotronHExperts": "relu2", "Gemma4TextExperts": "geglu_tanh", "DiffusionGemmaTextExperts": "geglu_tanh",
 }
 
 _MODELS = pathlib.Path(transformers.__file__).parent / "models"

@@ -253,6 +253,9 @@ def from_hf(block: nn.Module, *, backend: str = "auto") -> FlashMoEBlock:
     spec = convert(block)
     where = type(block).__name__
     layout = inspect_experts(spec.experts)
+    if layout.post_expert_norm:
+        raise UnsupportedHFModule(f"{where}: its experts norm each expert's output row (has_post_expert_norm), which "
+                                  f"FusedMoE does not; run them through the experts registry (register())")
     if not spec.routing.get("router_bias"):
         _check_no_bias(spec.router, f"{where}.{spec.router_name}")
     e, h = layout.num_experts, layout.hidden_size

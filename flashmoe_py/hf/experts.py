@@ -8,7 +8,8 @@ layout flags, set by `@use_experts_implementation`:
   is_transposed   False: [E, out, in] (nn.Linear-style) ; True: [E, in, out] (input-major, like ours)
   is_concatenated True: gate rows/columns [0, I) then up [I, 2I) ; False: interleaved gate0, up0, gate1, ...
   has_bias        gate_up_proj_bias / up_proj_bias [E, N_up] and down_proj_bias [E, H]
-  has_post_expert_norm, _is_expert_parallel   (not supported: an error names them)
+  has_post_expert_norm  the module's post_expert_norm on each expert's output row, before the routing weight
+  _is_expert_parallel   (not supported: an error names it)
 
 The activation is read from the module: `act_fn` (an ACT2FN module, or F.silu / F.gelu / F.relu given as
 functions) with transformers' default gate, or, for a module with its own `_apply_gate`, the one of our gated
@@ -44,7 +45,8 @@ class ExpertsLayout:
     """What an experts module holds, read once from its flags and parameter shapes.
 
     num_experts E, hidden_size H, intermediate_size I; activation is ours (DESIGN §2.5), activation_fields the
-    MoEConfig fields of its parameters (e.g. swiglu_alpha, swiglu_limit).
+    MoEConfig fields of its parameters (e.g. swiglu_alpha, swiglu_limit). post_expert_norm: the module's
+    `post_expert_norm` runs on each expert's output row before the routing weight (MuseSpark).
     """
 
     num_experts: int
@@ -56,6 +58,7 @@ class ExpertsLayout:
     concatenated: bool
     has_bias: bool
     activation_fields: dict = field(default_factory=dict)
+    post_expert_norm: bool = False
 
     def config(self, top_k: int) -> MoEConfig:
         return MoEConfig(hidden_size=self.hidden_size, ffn_hidden_size=self.intermediate_size,
@@ -69,11 +72,15 @@ _FUNCTIONS = {torch.nn.functional.silu: "silu", torch.nn.functional.gelu: "gelu"
               torch.relu: "relu"}
 
 
+_GATED_OF = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}  # act(gate) * up
+
+
 def activation_name(act_fn, *, gated: bool, where: str) -> str:
     """Our activation for a transformers activation module (`ACT2FN[...]` instance) or function.
 
     Matched on the module's class (or the function itself), which is what the eager forward runs: SiLU / F.silu ->
-    silu or swiglu, exact GELU / F.gelu -> gelu or geglu, ReLU / F.relu -> relu, ReLUSquared -> relu2 (plain only).
+    silu or swiglu, exact GELU / F.gelu -> gelu or geglu, the tanh GELUs (GELUTanh, NewGELU, FastGELU) -> gelu_tanh or
+    geglu_tanh, ReLU / F.relu -> relu, ReLUSquared -> relu2 (plain only).
     Anything else raises, naming the activation.
     """
     from transformers import activations as hf_act
@@ -89,19 +96,24 @@ def activation_name(act_fn, *, gated: bool, where: str) -> str:
             plain = "silu"
         elif type(act_fn) is hf_act.GELUActivation:  # both of its forms (F.gelu, the python erf) are exact
             plain = "gelu"
+        elif type(act_fn) in (hf_act.GELUTanh, hf_act.NewGELUActivation, hf_act.FastGELUActivation):
+            # The tanh approximation, in C (GELUTanh, gelu_pytorch_tanh) or written out (its python form, gelu_new,
+            # gelu_fast): one formula, rounded differently.
+            plain = "gelu_tanh"
         elif isinstance(act_fn, torch.nn.ReLU):
             plain = "relu"
         elif type(act_fn) is hf_act.ReLUSquaredActivation:
             plain = "relu2"
-    if gated and plain in ("silu", "gelu"):
-        return "swiglu" if plain == "silu" else "geglu"
+    if gated and plain in _GATED_OF:
+        return _GATED_OF[plain]
     if not gated and plain is not None:
         return plain
     kind = "gated" if gated else "plain"
     name = getattr(act_fn, "__name__", None) if not isinstance(act_fn, torch.nn.Module) else None
     raise UnsupportedHFModule(
         f"{where}: activation {name or type(act_fn).__name__} ({kind}) is not one of flashmoe_py's activations "
-        f"(gated: silu -> swiglu, exact gelu -> geglu; plain: silu, exact gelu, relu, relu2; functions F.silu, "
+        f"(gated: silu -> swiglu, exact gelu -> geglu, tanh gelu -> geglu_tanh; plain: silu, exact gelu, tanh "
+        f"gelu, relu, relu2; functions F.silu, "
         f"F.gelu, F.relu count as their modules)")
 
 
@@ -142,7 +154,7 @@ def _gate_candidates(module, where: str) -> list[tuple[str, dict]]:
         except UnsupportedHFModule:
             pass
     else:
-        names = ["swiglu", "geglu"]
+        names = ["swiglu", "geglu", "geglu_tanh"]
     out = [(n, {}) for n in names]
     alphas = sorted({float(getattr(module, n)) for n in ("alpha", "swiglu_alpha") if _number(getattr(module, n, None))})
     limits = sorted({float(getattr(module, n)) for n in ("limit", "swiglu_limit") if _number(getattr(module, n, None))})
@@ -207,13 +219,10 @@ def inspect_experts(module) -> ExpertsLayout:
     if not hasattr(module, "has_gate") or not hasattr(module, "is_transposed"):
         raise UnsupportedHFModule(f"{where}: not a transformers experts module (no layout flags; it must be "
                                   f"decorated with @use_experts_implementation)")
-    if _flag(module, "has_post_expert_norm", False):
-        norm = getattr(module, "post_expert_norm", None)
+    post_norm = bool(_flag(module, "has_post_expert_norm", False))
+    if post_norm and not isinstance(getattr(module, "post_expert_norm", None), torch.nn.Module):
         raise UnsupportedHFModule(
-            f"{where}: has_post_expert_norm=True ({type(norm).__name__ if norm is not None else 'a norm'} over each "
-            f"expert's output row, before the routing weight) is not supported: flashmoe_py's experts end in the "
-            f"down projection, whose epilogue applies the routing weight to one column tile at a time, and a "
-            f"row norm needs the whole row")
+            f"{where}: has_post_expert_norm=True but no post_expert_norm module to apply to each expert's output rows")
     gated, transposed = bool(module.has_gate), bool(module.is_transposed)
     concatenated, has_bias = bool(_flag(module, "is_concatenated", True)), bool(_flag(module, "has_bias", False))
 
@@ -241,7 +250,7 @@ def inspect_experts(module) -> ExpertsLayout:
         activation = activation_name(module.act_fn, gated=True, where=where)
     else:
         activation, fields = _probe_gate(module, i, concatenated, up.device, where)
-    return ExpertsLayout(e, h, i, activation, gated, transposed, concatenated, has_bias, fields)
+    return ExpertsLayout(e, h, i, activation, gated, transposed, concatenated, has_bias, fields, post_norm)
 
 
 def _deinterleave(t: torch.Tensor) -> torch.Tensor:
@@ -365,9 +374,33 @@ def experts_forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tens
     # The routing is supplied by the caller, so the router is never evaluated: a zero-stride placeholder
     # satisfies the parameter record without allocating [E, H].
     params["router_weight"] = x.new_zeros(()).expand(layout.num_experts, layout.hidden_size)
+    if layout.post_expert_norm:
+        return _post_norm_forward(module, layout, x, params, top_k_index, top_k_weights, backend).to(
+            hidden_states.dtype)
     cfg = layout.config(top_k_index.shape[-1])
     out = moe(x, params, cfg, backend=backend, topk_ids=top_k_index, topk_weights=top_k_weights).out
     return out.to(hidden_states.dtype)
+
+
+def _post_norm_forward(module, layout: ExpertsLayout, x: torch.Tensor, params: dict, top_k_index: torch.Tensor,
+                       top_k_weights: torch.Tensor, backend: str) -> torch.Tensor:
+    """Experts with a norm on each expert's output row before the routing weight (has_post_expert_norm).
+
+    The norm needs the whole unweighted row of one (token, expert) pair, which our down projection never holds
+    (its epilogue weights and combines one column tile at a time). So each (token, slot) pair becomes its own row
+    routed to its one expert with weight 1 (exact: the kernels' epilogue multiplies by 1.0, then rounds as the
+    eager down projection does); the family's own norm module then runs on those rows, the routing weights
+    multiply them, and the k rows of a token are summed in fp32 and rounded once.
+    x [T, H] in the weights' dtype; top_k_index / top_k_weights [T, k]; returns [T, H] in x's dtype.
+    """
+    t, k = top_k_index.shape
+    rows = x.repeat_interleave(k, dim=0)  # [T*k, H]: row t*k + j is token t for its j-th expert
+    ones = top_k_weights.detach().new_ones(t * k, 1)
+    per_slot = moe(rows, params, layout.config(1), backend=backend, topk_ids=top_k_index.reshape(t * k, 1),
+                   topk_weights=ones).out
+    normed = module.post_expert_norm(per_slot)
+    weighted = normed * top_k_weights.reshape(t * k, 1)  # promotes as the eager forward's product does
+    return weighted.float().view(t, k, -1).sum(dim=1).to(x.dtype)
 
 
 def make_experts_forward(backend: str = "auto") -> Callable:
