@@ -387,7 +387,7 @@ def _prepare(state: FusedState, call: _Call, target: str, nprog: int, puts: str)
     act, gated = kernel_activation(cfg.activation_key)
     regime = configs.regime(t * k, e)
     bm, bn0, bk0, bn1, bk1, warps, stages = configs.fused_config(target, regime, x.dtype.itemsize, puts,
-                                                                 param_act=":" in act)
+                                                                 gated=gated, param_act=":" in act, save=call.save)
     aux = configs.FUSED_AUX[target]
     e_pad = max(16, _pow2(e))
     bt = configs.fused_block_t(target, e_pad)

@@ -64,8 +64,9 @@ CASES = (
 FUSED_CASES = (
     ("fused-w1", dict(activation=("swiglu", "swiglu_oai", "swiglu_clamped", "swiglu_softcap", "gelu_tanh")), 16384, 1,
      "ptr", "compute", False, DTYPES, ("sm_90", "sm_80")),
-    ("fused-w1t", dict(activation=("gelu", "relu2", "swiglu_oai", "geglu_tanh"), bias=True, num_shared_experts=1,
-                       capacity_factor=1.25), 16384, 1, "ptr", "logits", True, ("bf16", "fp32"), ("sm_90", "sm_80")),
+    ("fused-w1t", dict(activation=("gelu", "relu2", "swiglu_oai", "geglu_tanh", "swiglu"), bias=True,
+                       num_shared_experts=1, capacity_factor=1.25), 16384, 1, "ptr", "logits", True, ("bf16", "fp32"),
+     ("sm_90", "sm_80")),
     ("fused-ep8", dict(activation="swiglu"), 2048, 8, "nvshmem", "compute", False, ("bf16",), ("sm_90",)),
 )
 

@@ -75,11 +75,15 @@ FUSED = {
     ("sm_80", "prefill"): {2: (128, 64, 32, 64, 32, 8, 3), 4: (64, 32, 32, 64, 32, 4, 3)},
     ("sm_80", "decode"): {2: (16, 64, 128, 64, 128, 4, 3), 4: (16, 64, 64, 64, 64, 4, 3)},
 }
-# With a parameterised gated activation (swiglu_oai, swiglu_clamped, swiglu_softcap) the up-GEMM epilogue needs a
-# few registers more than sm_90's 16-bit prefill tile leaves (Triton 3.6 spilled 16-32 B; 3.9 did not): half as
-# many up columns per tile there.
-FUSED_PARAM_ACT = {("sm_90", "prefill"): {2: (128, 32, 64, 64, 64, 8, 3)},
+# With a parameterised gated activation (swiglu_oai, swiglu_clamped, swiglu_softcap), or any gated one whose
+# pre-activations are saved for backward, the up-GEMM epilogue needs a few registers more than sm_90's 16-bit prefill
+# tile leaves (Triton 3.6 spilled 16-64 B, 3.9 24 B with biases): half as many up columns per tile there.
+FUSED_NARROW_UP = {("sm_90", "prefill"): {2: (128, 32, 64, 64, 64, 8, 3)},
                    ("sm_80", "prefill"): {2: (128, 32, 32, 64, 32, 8, 3)}}
+# A plain activation on sm_80 fp32: at 4 warps ptxas spills 148 B at 255 registers (the router's in-kernel logits
+# and the single accumulator's epilogue); 8 warps halve each thread's share (184 registers, no spills). The gated
+# ones stay at 4 warps: at 8 ptxas caps them at 128 registers and spills 436 B.
+FUSED_PLAIN = {("sm_80", "prefill"): {4: (64, 32, 32, 64, 32, 8, 3)}}
 FUSED_FP64 = (32, 32, 16, 32, 16, 4, 2)
 FUSED_INTERPRETER = (16, 16, 16, 16, 16, 1, 1)
 # Its other blocks: BT tokens per route/dispatch task (at least 16, the router dot's M; fewer as E grows),
@@ -99,20 +103,24 @@ FUSED_MIN_BLOCK_M = 16  # the smallest BLOCK_M above: sizes the tile counters of
 FUSED_MIN_BT = 16
 
 
-def fused_config(target: str, regime_name: str, itemsize: int, puts: str = "ptr",
-                 param_act: bool = False) -> tuple[int, int, int, int, int, int, int]:
+def fused_config(target: str, regime_name: str, itemsize: int, puts: str = "ptr", *, gated: bool = True,
+                 param_act: bool = False, save: bool = False) -> tuple[int, int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N0, BLOCK_K0, BLOCK_N1, BLOCK_K1, num_warps, num_stages) of the fused kernel. With NVSHMEM
     puts the library's device code raises register pressure: narrower tiles there (the "nvshmem" row); so does a
-    parameterised gated activation (param_act: FUSED_PARAM_ACT)."""
+    parameterised gated activation (param_act) or a gated one whose pre-activations are saved (save):
+    FUSED_NARROW_UP; a plain activation (gated=False) may have its own row (FUSED_PLAIN)."""
     if target == "interpreter":
         return FUSED_INTERPRETER
     if itemsize == 8:
         return FUSED_FP64
     if puts == "nvshmem" and (target, "nvshmem") in FUSED:
         return FUSED[(target, "nvshmem")][itemsize]
-    if param_act and itemsize in FUSED_PARAM_ACT.get((target, regime_name), {}):
-        return FUSED_PARAM_ACT[(target, regime_name)][itemsize]
-    return FUSED[(target, regime_name)][itemsize]
+    key = (target, regime_name)
+    if gated and (param_act or save) and itemsize in FUSED_NARROW_UP.get(key, {}):
+        return FUSED_NARROW_UP[key][itemsize]
+    if not gated and itemsize in FUSED_PLAIN.get(key, {}):
+        return FUSED_PLAIN[key][itemsize]
+    return FUSED[key][itemsize]
 
 
 def fused_block_t(target: str, e_pad: int) -> int:
