@@ -13,7 +13,8 @@ Backward (autograd), reusing what exists:
                  backend's layout), pre-activations and h, so nothing is recomputed.
   world size W   the forward's expert part is recomputed through the transport's host-driven dispatch/return
                  (parallel.forward.exchange_experts with the Triton backend's expert_ffn), then differentiated:
-                 four exchanges per backward, host syncs included, as the unfused expert-parallel path has.
+                 four exchanges per backward (more when one row per (token, expert) needs several rounds of the
+                 per-(token, rank) slabs), host syncs included, as the unfused expert-parallel path has.
   The router's gradient goes through PyTorch (its logits, scores and weights are re-expressed from the
   logits, as in the Triton backend).
 

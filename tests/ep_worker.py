@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 import flashmoe_py as fm
+from flashmoe_py.bench import counting
 from flashmoe_py.parallel import ExchangeTimeout, ExpertParallel, HeapOverflow
 from tests.helpers import random_params
 from tests.tolerances import assert_close
@@ -32,6 +33,7 @@ H, FFN, E = 16, 8, 8  # hidden size, expert width, experts
 TIMEOUT_S = 20.0  # generous: a failing scenario makes its peers wait at most this long
 SCENARIOS: dict = {}
 ONE_SIDED = ("shm", "mpi")
+SIGNAL_BYTES = 8
 
 
 def scenario(fn):
@@ -78,28 +80,38 @@ def _layer(ctx: Ctx, cfg, dtype, params: dict, **kw) -> fm.FusedMoE:
     return layer
 
 
-def _reference(cfg, params: dict, xs, gs, per_rank: bool, routing=None):
+def _reference(cfg, params: dict, xs, gs, per_rank: bool, routing=None, weight_grads: bool = False):
     """Single-process reference: output and gradients of sum(out * g). On the concatenation of all ranks'
-    tokens, or rank by rank where capacity makes a rank's result depend on its own token count."""
+    tokens, or rank by rank where capacity makes a rank's result depend on its own token count. Returns (outs,
+    x grads, parameter grads), and the caller routing weights' grads per rank too with weight_grads=True
+    (tests/fused_worker.py uses the three-value form)."""
     leaves = {n: t.detach().clone().requires_grad_(n != "expert_bias") for n, t in params.items()}
     x_leaves = [x.detach().clone().requires_grad_() for x in xs]
+    w_leaves = None
     if per_rank:
         outs = [fm.moe(x, leaves, cfg, backend="reference").out for x in x_leaves]
     else:
-        kw = {} if routing is None else dict(topk_ids=torch.cat(routing[0]), topk_weights=torch.cat(routing[1]))
+        kw = {}
+        if routing is not None:
+            w_leaves = [w.detach().clone().requires_grad_() for w in routing[1]]
+            kw = dict(topk_ids=torch.cat(routing[0]), topk_weights=torch.cat(w_leaves))
         out = fm.moe(torch.cat(x_leaves), leaves, cfg, backend="reference", **kw).out
         outs = list(out.split([x.shape[0] for x in xs]))
     loss = sum((o.double() * g.double()).sum() for o, g in zip(outs, gs))
     loss.backward()
-    return [o.detach() for o in outs], [x.grad for x in x_leaves], {n: t.grad for n, t in leaves.items()}
+    wgrads = None if w_leaves is None else [w.grad if w.grad is not None else torch.zeros_like(w) for w in w_leaves]
+    got = [o.detach() for o in outs], [x.grad for x in x_leaves], {n: t.grad for n, t in leaves.items()}
+    return (*got, wgrads) if weight_grads else got
 
 
-def _check(ctx: Ctx, cfg, dtype, params, xs, gs, *, per_rank=False, routing=None, ep=None) -> dict:
-    """Run this rank's tokens forward + backward (layer, or functional API with `ep`) and compare."""
+def _run(ctx: Ctx, cfg, dtype, params, xs, gs, *, routing=None, ep=None, backend="auto", layer=None):
+    """This rank's tokens forward + backward (a layer, or the functional API with `ep` and caller routing) ->
+    (out, x.grad, {parameter name: tensor holding .grad}, stats, routing weights or None)."""
     r = ctx.rank
     x = xs[r].clone().requires_grad_()
+    weights = None
     if ep is None:
-        layer = _layer(ctx, cfg, dtype, params)
+        layer = layer or _layer(ctx, cfg, dtype, params, backend=backend)
         out = layer(x)
         stats = layer.stats
         grads_of = {n: p for n, p in layer.named_parameters()}
@@ -108,12 +120,25 @@ def _check(ctx: Ctx, cfg, dtype, params, xs, gs, *, per_rank=False, routing=None
         grads_of = {n: (t[loc] if n in ("w_up", "w_down", "b_up", "b_down") else t).clone().requires_grad_()
                     for n, t in params.items() if n != "expert_bias"}
         p = dict(grads_of, **({"expert_bias": params["expert_bias"]} if "expert_bias" in params else {}))
-        res = fm.moe(x, p, cfg, topk_ids=routing[0][r], topk_weights=routing[1][r], expert_parallel=ep)
+        weights = routing[1][r].clone().requires_grad_()
+        res = fm.moe(x, p, cfg, topk_ids=routing[0][r], topk_weights=weights, expert_parallel=ep, backend=backend)
         out, stats = res.out, res.stats
     out.mul(gs[r]).sum().backward()
-    outs, xgrads, pgrads = _reference(cfg, params, xs, gs, per_rank, routing)
+    return out, x.grad, grads_of, stats, weights
+
+
+def _check(ctx: Ctx, cfg, dtype, params, xs, gs, *, per_rank=False, routing=None, ep=None, backend="auto") -> dict:
+    """Run this rank's tokens forward + backward (layer, or functional API with `ep`) and compare with the
+    single-process reference on all ranks' tokens: output, x.grad, parameter gradients, and with caller routing
+    the routing weights' gradient (it comes back from the experts' ranks)."""
+    r = ctx.rank
+    out, x_grad, grads_of, stats, weights = _run(ctx, cfg, dtype, params, xs, gs, routing=routing, ep=ep,
+                                                 backend=backend)
+    outs, xgrads, pgrads, wgrads = _reference(cfg, params, xs, gs, per_rank, routing, weight_grads=True)
     assert_close(out, outs[r], dtype, f"rank {r} out")
-    assert_close(x.grad, xgrads[r], dtype, f"rank {r} x.grad")
+    assert_close(x_grad, xgrads[r], dtype, f"rank {r} x.grad")
+    if weights is not None:
+        assert_close(weights.grad, wgrads[r], dtype, f"rank {r} topk_weights.grad")
     loc = ctx.local(cfg)
     for name, p in grads_of.items():
         g = p.grad if p.grad is not None else torch.zeros_like(p)
@@ -175,7 +200,7 @@ def zero_tokens_shared_aux_fp64(ctx: Ctx):
 @scenario
 def caller_routing_all_to_rank0(ctx: Ctx):
     # functional API; every token routed to rank 0's experts, so the other ranks' experts get no rows;
-    # rank 1 has no tokens
+    # rank 1 has no tokens. One row per (token, rank) on the one-sided transports, per (token, expert) on alltoall.
     cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2, activation="geglu")
     params, xs, gs = _data(ctx, cfg, torch.float64, [5, 0, 7, 3], 5)
     el = ctx.el(cfg)
@@ -184,29 +209,183 @@ def caller_routing_all_to_rank0(ctx: Ctx):
     weights = [torch.rand(x.shape[0], 2, dtype=torch.float64) + 0.1 for x in xs]
     ep = ExpertParallel(cfg, ctx.group, ctx.transport, max_tokens_per_rank=16, timeout_s=TIMEOUT_S)
     info = _check(ctx, cfg, torch.float64, params, xs, gs, routing=(ids, weights), ep=ep)
-    expect = [2 * xs[ctx.rank].shape[0]] + [0] * (ctx.world - 1)
+    per_row = 1 if ctx.transport in ONE_SIDED else 2
+    expect = [per_row * xs[ctx.rank].shape[0]] + [0] * (ctx.world - 1)
     assert info["rows_per_peer"] == expect, f"rows_per_peer {info['rows_per_peer']} != {expect}"
     ep.close()
     return info
 
 
 @scenario
-def bytes_exact_fp32(ctx: Ctx):
-    # bytes_sent == (rows to other ranks + rows returned to other ranks) * H * itemsize + signal words
-    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2)
+def triton_softmax_fp64(ctx: Ctx):
+    # the Triton backend's expert FFN (interpreter) under the transport; top-3 so a rank often holds two or three
+    # of a token's experts (reduced there, in slot order); uneven token counts, a rank with few, biases
+    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=3, bias=True)
+    return _check(ctx, cfg, torch.float64, *_data(ctx, cfg, torch.float64, [7, 12, 3, 9], 11), backend="triton")
+
+
+def _pairs(owners: list, world: int) -> list:
+    """owners[s] [T_s, k] owner rank of each slot -> per source s the [T_s, W] bool: token t has a slot on rank d."""
+    out = []
+    for o in owners:
+        hit = torch.zeros(o.shape[0], world, dtype=torch.bool)
+        if o.numel():
+            hit[torch.arange(o.shape[0]).unsqueeze(1).expand_as(o), o] = True
+        out.append(hit)
+    return out
+
+
+def _expected_bytes(ctx: Ctx, cfg, owners: list, itemsize: int) -> tuple[int, dict]:
+    """What this rank must have put in one forward, exactly, and the global accounting beside it.
+
+    one-sided: (pairs to other ranks) * (row + metadata) + (pairs returned to other ranks) * row + 2 (W-1) signal
+    words; metadata = k * (weight itemsize + 4) per dispatched row. alltoall: one row per (token, expert) each way
+    plus (W-1) * E_local count words per exchange."""
+    w, r, k, el = ctx.world, ctx.rank, cfg.top_k, ctx.el(cfg)
+    row = cfg.hidden_size * itemsize
+    remote = _pairs(owners, w)
+    for s, h in enumerate(remote):
+        h[:, s] = False
+    pairs_total = int(sum(int(h.sum()) for h in remote))
+    wire_min = counting.wire_min_bytes(pairs_total, cfg.hidden_size, itemsize)
+    weight_item = 8 if itemsize == 8 else 4
+    meta = k * (weight_item + 4)
+    if ctx.transport in ONE_SIDED:
+        out_pairs, in_pairs = int(remote[r].sum()), sum(int(h[:, r].sum()) for s, h in enumerate(remote) if s != r)
+        mine = out_pairs * (row + meta) + in_pairs * row + 2 * (w - 1) * SIGNAL_BYTES
+        total = counting.one_sided_wire_bytes(pairs_total, cfg.hidden_size, itemsize, k, weight_item, w)
+        assert total == wire_min + pairs_total * meta + 2 * w * (w - 1) * SIGNAL_BYTES, (total, wire_min)
+    else:
+        sent = int((owners[r] != r).sum())
+        recv = sum(int((o == r).sum()) for s, o in enumerate(owners) if s != r)
+        mine = (sent + recv) * row + 2 * (w - 1) * el * SIGNAL_BYTES
+        assign = sum(int((o != s).sum()) for s, o in enumerate(owners))
+        total = 2 * assign * row + 2 * w * (w - 1) * el * SIGNAL_BYTES
+    return mine, {"wire_total": total, "wire_min": int(wire_min), "ratio": round(total / wire_min, 4),
+                  "remote_pairs": pairs_total}
+
+
+@scenario
+def bytes_exact_k3_h128_fp32(ctx: Ctx):
+    # bytes_sent is exact: at W=4 (and 2), k=3, H=128 the one-sided transports put the least possible (one row out
+    # and one back per (token, remote rank)) plus the routing metadata of the rows out plus two signal words per
+    # peer; alltoall one row per (token, expert) plus its count words. Two runs give the same bits, forward and
+    # backward.
+    cfg = fm.MoEConfig(hidden_size=128, ffn_hidden_size=FFN, num_experts=E, top_k=3)
     params, xs, gs = _data(ctx, cfg, torch.float32, [9, 4, 11, 6], 6)
     layer = _layer(ctx, cfg, torch.float32, params)
-    layer(xs[ctx.rank])
+    runs = []
+    for _ in range(2):
+        layer.zero_grad()
+        out, x_grad, grads_of, _, _ = _run(ctx, cfg, torch.float32, params, xs, gs, layer=layer)
+        runs.append([out.detach(), x_grad] + [p.grad.clone() for p in grads_of.values()])
+    names = ["out", "x.grad"] + [f"{n}.grad" for n in grads_of]
+    for name, a, b in zip(names, *runs):
+        assert torch.equal(a, b), f"{name}: two runs differ"
+    el = ctx.el(cfg)
+    owners = [fm.moe(x, params, cfg, backend="reference").routing.topk_ids // el for x in xs]
+    expect, info = _expected_bytes(ctx, cfg, owners, 4)
+    assert layer.stats.bytes_sent == expect, f"bytes_sent {layer.stats.bytes_sent} != exact {expect} ({info})"
+    total = torch.tensor([float(layer.stats.bytes_sent)])
+    dist.all_reduce(total, group=ctx.group)
+    assert int(total) == info["wire_total"], f"total bytes {int(total)} != {info}"
+    rows = _pairs(owners, ctx.world)[ctx.rank].sum(0) if ctx.transport in ONE_SIDED else \
+        torch.bincount(owners[ctx.rank].reshape(-1), minlength=ctx.world)
+    assert layer.stats.rows_per_peer.tolist() == rows.tolist(), f"rows_per_peer {layer.stats.rows_per_peer} != {rows}"
+    return dict(info, bytes_sent=layer.stats.bytes_sent, rows_per_peer=rows.tolist())
+
+
+@scenario
+def all_k_on_one_remote_rank_fp64(ctx: Ctx):
+    # every token's k=3 experts sit on the next rank: one row out, one row back per token (k per token on
+    # alltoall), and the result still equals the reference, routing-weight gradients included; both backends.
+    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=16, top_k=3, activation="gelu", bias=True)
+    params, xs, gs = _data(ctx, cfg, torch.float64, [6, 9, 4, 5], 12)
+    el, w = ctx.el(cfg), ctx.world
+    gen = torch.Generator().manual_seed(ctx.seed + 12)
+    ids = [((s + 1) % w) * el + torch.stack([torch.randperm(el, generator=gen)[:3] for _ in range(x.shape[0])])
+           for s, x in enumerate(xs)]
+    weights = [torch.rand(x.shape[0], 3, dtype=torch.float64, generator=gen) + 0.1 for x in xs]
+    ep = ExpertParallel(cfg, ctx.group, ctx.transport, max_tokens_per_rank=16, timeout_s=TIMEOUT_S)
+    info = {}
+    for backend in ("reference", "triton"):
+        got = _check(ctx, cfg, torch.float64, params, xs, gs, routing=(ids, weights), ep=ep, backend=backend)
+        expect, acc = _expected_bytes(ctx, cfg, [i // el for i in ids], 8)
+        assert got["bytes_sent"] == expect, f"{backend}: bytes_sent {got['bytes_sent']} != exact {expect} ({acc})"
+        t = xs[ctx.rank].shape[0]
+        rows = [0] * w
+        rows[(ctx.rank + 1) % w] = t if ctx.transport in ONE_SIDED else 3 * t
+        assert got["rows_per_peer"] == rows, f"{backend}: rows_per_peer {got['rows_per_peer']} != {rows}"
+        info[backend] = dict(acc, bytes_sent=got["bytes_sent"])
+    ep.close()
+    return info
+
+
+@scenario
+def bf16_caller_routing_k3(ctx: Ctx):
+    # bf16: each expert rank rounds its partial sum to bf16 once, the token's rank adds the W partials in fp32 and
+    # rounds again; that stays within the bf16 tolerance of the single-rank path (caller routing: the same experts)
+    cfg = fm.MoEConfig(hidden_size=32, ffn_hidden_size=FFN, num_experts=E, top_k=3)
+    params, xs, gs = _data(ctx, cfg, torch.bfloat16, [10, 7, 12, 5], 14)
+    gen = torch.Generator().manual_seed(ctx.seed + 14)
+    ids = [torch.stack([torch.randperm(E, generator=gen)[:3] for _ in range(x.shape[0])]) for x in xs]
+    weights = [torch.rand(x.shape[0], 3, generator=gen) + 0.1 for x in xs]
+    ep = ExpertParallel(cfg, ctx.group, ctx.transport, max_tokens_per_rank=16, timeout_s=TIMEOUT_S)
+    info = _check(ctx, cfg, torch.bfloat16, params, xs, gs, routing=(ids, weights), ep=ep)
+    ep.close()
+    return info
+
+
+@scenario
+def exchange_experts_rounds_fp64(ctx: Ctx):
+    # exchange_experts (per-(token, expert) rows: the fused backend's backward recomputes its forward with it) over
+    # a heap that holds 4 rows per source: the one-sided exchange sends more in rounds, and every rank runs as many
+    # rounds as the busiest pair needs; outputs, row and expert-weight gradients equal direct per-expert compute.
+    from flashmoe_py import reference
+    from flashmoe_py.parallel.forward import exchange_experts
+    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=3)
     el, w, r = ctx.el(cfg), ctx.world, ctx.rank
-    owners = [fm.moe(x, params, cfg, backend="reference").routing.topk_ids.reshape(-1) // el for x in xs]
-    sent_others = int((owners[r] != r).sum())
-    recv_others = sum(int((o == r).sum()) for i, o in enumerate(owners) if i != r)
-    expect = (sent_others + recv_others) * H * 4 + 2 * (w - 1) * el * 8
-    assert layer.stats.bytes_sent == expect, f"bytes_sent {layer.stats.bytes_sent} != minimum {expect}"
-    per_peer = torch.bincount(owners[r], minlength=w).tolist()
-    assert layer.stats.rows_per_peer.tolist() == per_peer, f"rows_per_peer {layer.stats.rows_per_peer} != {per_peer}"
-    return {"bytes_sent": layer.stats.bytes_sent, "rows_per_peer": per_peer,
-            "payload_rows_to_others": sent_others + recv_others}
+    torch.manual_seed(ctx.seed * 1000 + 13)
+    params = random_params(cfg, torch.float64)
+    counts = [torch.randint(0, 3 if s else 6, (w, el)) for s in range(w)]  # rank 0 sends the most
+    rows = [torch.randn(int(c.sum()), H, dtype=torch.float64) for c in counts]
+    gs = [torch.randn_like(x) for x in rows]
+    leaves = {n: params[n].clone().requires_grad_() for n in ("w_up", "w_down")}
+    experts = reference.per_expert(fm.MoEParams(router_weight=None, **leaves))
+    ref_rows = [x.clone().requires_grad_() for x in rows]
+    loss = 0
+    for s in range(w):
+        blocks, at = [], 0
+        for d in range(w):
+            for e in range(el):
+                n = int(counts[s][d, e])
+                blocks.append(reference.expert_block(ref_rows[s][at:at + n], experts[d * el + e], cfg.activation_key))
+                at += n
+        y_s = torch.cat(blocks)
+        loss = loss + (y_s * gs[s]).sum()
+        if s == r:
+            want = y_s.detach()
+    loss.backward()
+    ep = ExpertParallel(cfg, ctx.group, ctx.transport, max_tokens_per_rank=4, timeout_s=TIMEOUT_S)
+    exchange = ep.exchange_for(torch.float64, torch.device("cpu"))
+    loc = ctx.local(cfg)
+    mine = {n: params[n][loc].clone().requires_grad_() for n in ("w_up", "w_down")}
+    x = rows[r].clone().requires_grad_()
+    y, nbytes = exchange_experts(x, counts[r], exchange, reference.expert_ffn, cfg.activation_key, mine["w_up"],
+                                 mine["w_down"])
+    (y * gs[r]).sum().backward()
+    assert_close(y, want, torch.float64, f"rank {r} expert outputs")
+    assert_close(x.grad, ref_rows[r].grad, torch.float64, f"rank {r} row gradients")
+    for n in mine:
+        assert_close(mine[n].grad, leaves[n].grad[loc], torch.float64, f"rank {r} {n}.grad")
+    rounds = max(1, max(-(-int(c.sum(1).max()) // 4) for c in counts))
+    if ctx.transport in ONE_SIDED:
+        out_rows = int(counts[r].sum()) - int(counts[r][r].sum())
+        in_rows = sum(int(c[r].sum()) for s, c in enumerate(counts) if s != r)
+        expect = out_rows * (H * 8 + 12) + in_rows * H * 8 + rounds * 2 * (w - 1) * SIGNAL_BYTES
+        assert nbytes == expect, f"bytes {nbytes} != {expect} ({rounds} rounds)"
+    ep.close()
+    return {"rounds": rounds, "bytes": nbytes}
 
 
 @scenario
@@ -377,6 +556,8 @@ def _rank_main(rank: int, args) -> None:
 
 
 def main() -> None:
+    if not torch.cuda.is_available():  # Triton's interpreter, chosen before anything imports triton (conftest.py)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     ap = argparse.ArgumentParser()
     ap.add_argument("--launcher", choices=("spawn", "mpirun"), required=True)
     ap.add_argument("--world", type=int, default=0)

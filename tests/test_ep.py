@@ -5,9 +5,13 @@ each of its transports, because starting ranks is the slow part; each scenario i
 What the scenarios check (details in tests/ep_worker.py): forward and backward equal the single-process
 reference on the concatenation of all ranks' tokens (fp64 to 1e-10, fp32 to 1e-5) for softmax and
 sigmoid/grouped routing, with capacity (per rank, against a per-rank reference), with the shared expert;
-uneven token counts, a rank with no tokens, experts with no rows, all tokens to one rank; 100 forwards on
-one heap; bytes_sent equal to the exact minimum; a peer that skips its forward -> ExchangeTimeout naming
-it; more tokens than max_tokens_per_rank -> HeapOverflow; construction errors.
+uneven token counts, a rank with no tokens, experts with no rows, all tokens to one rank; the Triton backend's
+expert FFN (interpreter) as well as the reference's; caller routing with every token's k experts on one remote
+rank (routing-weight gradients included); bytes_sent exact (one row per (token, rank) each way plus metadata
+and signal words on the one-sided transports, one per (token, expert) on alltoall) at k=3, H=128, and two runs
+giving the same bits; per-(token, expert) rows beyond a slab sent in rounds; 100 forwards on one heap; a peer
+that skips its forward -> ExchangeTimeout naming it; more tokens than max_tokens_per_rank -> HeapOverflow;
+construction errors.
 """
 
 from __future__ import annotations

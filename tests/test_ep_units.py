@@ -1,6 +1,7 @@
-"""Expert-parallel pieces that need no second process: heap layout, protocol checks on a recording heap,
-the expert-major reordering, the native signal words, transport selection, and (on a GPU) nvshmem with
-one rank putting to itself."""
+"""Expert-parallel pieces that need no second process: heap layouts, protocol checks on a recording heap,
+the per-(token, rank) expert step (slot packing, the ordered local reduction, gradients through one-rank
+exchanges, rounds), the expert-major reordering, the native signal words, transport selection, and (on a GPU)
+nvshmem with one rank putting to itself."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import flashmoe_py as fm
+from flashmoe_py import reference
 from flashmoe_py.parallel import (
     ExchangeTimeout,
     HeapLayout,
@@ -20,9 +22,18 @@ from flashmoe_py.parallel import (
     TransportUnavailable,
     transports,
 )
-from flashmoe_py.parallel.forward import expert_major
-from flashmoe_py.parallel.layout import ALIGN, DISPATCH, RETURN, SIGNAL_BYTES
+from flashmoe_py.parallel.forward import (
+    exchange_experts,
+    exchange_token_rows,
+    expert_major,
+    local_partials,
+    ordered_sum,
+    pack_slots,
+    unpack_slots,
+)
+from flashmoe_py.parallel.layout import ALIGN, DISPATCH, MORE_FLAG, RETURN, SIGNAL_BYTES, TokenLayout
 from flashmoe_py.parallel.protocol import OneSidedExchange
+from tests.helpers import random_params
 
 
 def test_layout_blocks_are_aligned_disjoint_and_fit():
@@ -43,12 +54,33 @@ def test_layout_blocks_are_aligned_disjoint_and_fit():
     assert len(words) == 30, "two packets share a signal word"
 
 
+def test_token_layout_blocks_are_aligned_disjoint_and_fit():
+    lay = TokenLayout.for_layer(world_size=3, top_k=4, max_tokens_per_rank=7, hidden_size=6, itemsize=2,
+                                weight_itemsize=4)
+    assert (lay.slab_rows, lay.row_bytes, lay.meta_row_bytes) == (7, 12, 32), "one row per token, k (w, id) slots"
+    blocks = []
+    for region in (DISPATCH, RETURN):
+        blocks.append((lay.signal_offset(region, 0), lay.signal_offset(region, 2) + SIGNAL_BYTES))
+        for src in range(3):
+            blocks.append((lay.data_offset(region, src), lay.data_offset(region, src) + lay.slab_rows * lay.row_bytes))
+            blocks.append((lay.meta_offset(region, src),
+                           lay.meta_offset(region, src) + lay.slab_rows * lay.meta_row_bytes))
+    assert all(start % ALIGN == 0 for start, _ in blocks)
+    blocks.sort()
+    assert blocks[0][0] >= 8 * 8, "the header is overwritten"
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(blocks, blocks[1:])), blocks
+    assert blocks[-1][1] <= lay.size
+    assert lay.seq_offset(RETURN) < 8 * 8 and len(lay.header()) == 8
+    with pytest.raises(ValueError, match="slab_rows"):
+        TokenLayout(world_size=2, slab_rows=MORE_FLAG, row_bytes=8, meta_row_bytes=8)
+
+
 class RecordingHeap(SymmetricHeap):
     """A heap that records puts and signals and answers waits from a script (no other process)."""
 
-    def __init__(self, layout, rank, world_size, missing=-1, seen_seq=None):
+    def __init__(self, layout, rank, world_size, missing=-1, seen_seq=None, seen_count=0):
         super().__init__(layout, rank, world_size)
-        self.calls, self.missing, self.seen_seq = [], missing, seen_seq
+        self.calls, self.missing, self.seen_seq, self.seen_count = [], missing, seen_seq, seen_count
         self.mem = torch.zeros(layout.size, dtype=torch.uint8)
 
     def put(self, peer, offset, data):
@@ -59,45 +91,171 @@ class RecordingHeap(SymmetricHeap):
 
     def wait(self, offset, n, seq, timeout_s):
         seq_seen = seq if self.seen_seq is None else self.seen_seq
-        return self.missing, torch.full((n,), seq_seen << 32, dtype=torch.int64)
+        return self.missing, torch.full((n,), (seq_seen << 32) | self.seen_count, dtype=torch.int64)
 
     def local(self, offset, nbytes):
         return self.mem[offset:offset + nbytes]
 
 
 def test_overflowing_packet_is_refused_before_anything_is_written(seed):
-    lay = HeapLayout(world_size=2, num_local_experts=2, slab_rows=3, row_bytes=4 * 8)
+    lay = TokenLayout(world_size=2, slab_rows=3, row_bytes=4 * 8, meta_row_bytes=24)
     heap = RecordingHeap(lay, rank=0, world_size=2)
     ex = OneSidedExchange(heap, lay, timeout_s=1.0)
-    counts = torch.tensor([[1, 0], [2, 2]])  # 4 rows for rank 1 > 3-row slab
     with pytest.raises(HeapOverflow, match="4 rows for rank 1 exceed the heap's 3 rows"):
-        ex.run(DISPATCH, torch.randn(5, 4, dtype=torch.float64), counts)
+        ex.run(DISPATCH, torch.randn(5, 4, dtype=torch.float64), torch.tensor([1, 4]))
     assert heap.calls == [], "something was written before the overflow check"
+    with pytest.raises(ValueError, match="meta: expected uint8"):
+        ex.run(DISPATCH, torch.randn(2, 4, dtype=torch.float64), torch.tensor([1, 1]),
+               torch.zeros(2, 25, dtype=torch.uint8))
+    assert heap.calls == [] and ex.seq == [0, 0]
 
 
-def test_exchange_puts_only_routed_rows_then_signals_with_sequence_and_count(seed):
-    lay = HeapLayout(world_size=2, num_local_experts=3, slab_rows=8, row_bytes=4 * 8)
-    heap = RecordingHeap(lay, rank=0, world_size=2)
+def test_exchange_puts_rows_and_metadata_then_one_signal_per_peer(seed):
+    lay = TokenLayout(world_size=2, slab_rows=8, row_bytes=4 * 8, meta_row_bytes=24)
+    heap = RecordingHeap(lay, rank=0, world_size=2, seen_count=2)
     ex = OneSidedExchange(heap, lay, timeout_s=1.0)
-    counts = torch.tensor([[2, 0, 1], [0, 3, 1]])
-    res = ex.run(DISPATCH, torch.randn(7, 4, dtype=torch.float64), counts)
+    meta = torch.randint(0, 255, (7, 24), dtype=torch.uint8)
+    res = ex.run(DISPATCH, torch.randn(7, 4, dtype=torch.float64), torch.tensor([3, 4]), meta)
     assert heap.calls == [("put", 1, lay.data_offset(DISPATCH, 0), 4 * 32),
-                          ("signal", 1, lay.signal_offset(DISPATCH, 0), [(1 << 32) | 0, (1 << 32) | 3, (1 << 32) | 1])]
-    assert res.bytes_sent == 4 * 32 + 3 * SIGNAL_BYTES
+                          ("put", 1, lay.meta_offset(DISPATCH, 0), 4 * 24),
+                          ("signal", 1, lay.signal_offset(DISPATCH, 0), [(1 << 32) | 4])]
+    assert res.bytes_sent == 4 * (32 + 24) + SIGNAL_BYTES, "rows, their metadata and one word: nothing else"
+    assert res.counts.tolist() == [3, 2] and res.rows.shape == (5, 4) and res.meta.shape == (5, 24)
+    assert torch.equal(res.meta[:3], meta[:3]), "own rows never touch the heap"
+    assert not res.more
     assert heap.read_word(lay.seq_offset(DISPATCH)) == 1 and heap.read_word(lay.seq_offset(RETURN)) == 0
-    ex.run(DISPATCH, torch.randn(7, 4, dtype=torch.float64), counts)
-    assert heap.calls[-1][3][0] >> 32 == 2, "the second exchange must carry sequence 2"
+    res = ex.run(RETURN, torch.randn(7, 4, dtype=torch.float64), torch.tensor([3, 4]), more=True)
+    assert heap.calls[-1] == ("signal", 1, lay.signal_offset(RETURN, 0), [(1 << 32) | MORE_FLAG | 4])
+    assert res.more and res.meta is None
+    assert res.bytes_sent == 4 * 32 + SIGNAL_BYTES
+    ex.run(DISPATCH, torch.randn(7, 4, dtype=torch.float64), torch.tensor([3, 4]), meta)
+    assert heap.calls[-1][3][0] >> 32 == 2, "the second dispatch must carry sequence 2"
+
+
+def test_a_peer_saying_more_is_seen_by_every_receiver():
+    lay = TokenLayout(world_size=3, slab_rows=4, row_bytes=8, meta_row_bytes=8)
+    heap = RecordingHeap(lay, rank=2, world_size=3, seen_count=MORE_FLAG | 1)
+    res = OneSidedExchange(heap, lay, timeout_s=1.0).run(DISPATCH, torch.zeros(0, 1, dtype=torch.float64),
+                                                          torch.zeros(3, dtype=torch.int64))
+    assert res.more and res.counts.tolist() == [1, 1, 0], "the flag is not a row count"
 
 
 def test_timeout_names_rank_peer_and_slot_and_poisons_the_exchange():
-    lay = HeapLayout(world_size=3, num_local_experts=2, slab_rows=4, row_bytes=8)
-    heap = RecordingHeap(lay, rank=1, world_size=3, missing=1, seen_seq=0)
+    lay = TokenLayout(world_size=3, slab_rows=4, row_bytes=8, meta_row_bytes=8)
+    heap = RecordingHeap(lay, rank=1, world_size=3, missing=0, seen_seq=0)
     ex = OneSidedExchange(heap, lay, timeout_s=0.25)
     with pytest.raises(ExchangeTimeout, match=r"rank 1: timed out after 0.25 s waiting for peer 0: dispatch slot "
-                                              r"\(src=0, expert 1 = global expert 3\) expected sequence 1, saw 0"):
-        ex.run(DISPATCH, torch.zeros(0, 1, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.int64))
+                                              r"\(src=0: its packet of rows for rank 1\) expected sequence 1, saw 0"):
+        ex.run(DISPATCH, torch.zeros(0, 1, dtype=torch.float64), torch.zeros(3, dtype=torch.int64))
     with pytest.raises(RuntimeError, match="an earlier exchange failed"):
-        ex.run(RETURN, torch.zeros(0, 1, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.int64))
+        ex.run(RETURN, torch.zeros(0, 1, dtype=torch.float64), torch.zeros(3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [0, 1, 5])
+def test_slots_pack_and_unpack(dtype, rows, seed):
+    weights = torch.randn(rows, 3, dtype=dtype)
+    ids = torch.randint(-1, 7, (rows, 3), dtype=torch.int32)
+    meta = pack_slots(weights, ids)
+    assert meta.dtype == torch.uint8 and meta.shape == (rows, 3 * (dtype.itemsize + 4))
+    got_w, got_ids = unpack_slots(meta, 3, dtype)
+    assert torch.equal(got_w, weights) and torch.equal(got_ids, ids)
+
+
+def test_ordered_sum_adds_in_position_order_and_is_repeatable(seed):
+    values = torch.randn(7, 5)
+    row = torch.tensor([2, 0, 2, 1, 0, 2, 4])
+    pos = torch.tensor([1, 0, 0, 0, 2, 2, 0])
+    out = ordered_sum(values, row, pos, 5, 3)
+    want = torch.zeros(5, 5)
+    for i in sorted(range(7), key=lambda i: (row[i], pos[i])):
+        want[row[i]] = want[row[i]] + values[i]
+    assert torch.equal(out, want) and torch.equal(ordered_sum(values, row, pos, 5, 3), out)
+    assert not out[3].any(), "a row without values is zero"
+
+
+def _check_vjp(f, inputs: tuple, trials: int = 3, eps: float = 1e-6) -> None:
+    """v . J u from one backward per forward against central differences along random u (gradcheck itself runs
+    backward twice through one forward, which an exchange's backward refuses: its exchanges happen once)."""
+    for _ in range(trials):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = f(*leaves)
+        v = torch.randn_like(out)
+        grads = torch.autograd.grad(out, leaves, v)
+        us = [torch.randn_like(t) for t in inputs]
+        with torch.no_grad():
+            plus = f(*[t + eps * u for t, u in zip(inputs, us)])
+            minus = f(*[t - eps * u for t, u in zip(inputs, us)])
+        numeric = float(((plus - minus) / (2 * eps) * v).sum())
+        analytic = float(sum((g * u).sum() for g, u in zip(grads, us)))
+        assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(numeric)), (numeric, analytic)
+
+
+def _one_rank_exchange(slab_rows=16, hidden=6, top_k=3, dtype=torch.float64):
+    lay = TokenLayout.for_layer(1, top_k, slab_rows, hidden, dtype.itemsize, 8 if dtype == torch.float64 else 4)
+    return OneSidedExchange(RecordingHeap(lay, rank=0, world_size=1), lay, timeout_s=1.0)
+
+
+def test_local_partials_weight_and_sum_a_rows_local_experts_in_slot_order(seed):
+    cfg = fm.MoEConfig(hidden_size=6, ffn_hidden_size=4, num_experts=3, top_k=3, bias=True)
+    p = fm.MoEParams.from_mapping(random_params(cfg, torch.float32))
+    rows = torch.randn(5, 6)
+    ids = torch.tensor([[2, -1, 0], [-1, -1, -1], [1, 2, 0], [0, -1, -1], [-1, 1, -1]], dtype=torch.int32)
+    weights = torch.rand(5, 3) + 0.1
+    out = local_partials(rows, ids, weights, reference.expert_ffn, p, cfg.activation_key)
+    experts = reference.per_expert(p)
+    want = torch.zeros(5, 6)
+    for i in range(5):
+        for j in range(3):  # ascending slot order, in fp32
+            if ids[i, j] >= 0:
+                y = reference.expert_block(rows[i:i + 1], experts[int(ids[i, j])], cfg.activation_key)
+                want[i] = want[i] + weights[i, j] * y[0]
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    assert not out[1].any(), "a row with no local slot gives zero"
+    assert torch.equal(out, local_partials(rows, ids, weights, reference.expert_ffn, p, cfg.activation_key))
+    with pytest.raises(RuntimeError, match="local expert ids"):
+        local_partials(rows, ids + 2, weights, reference.expert_ffn, p, cfg.activation_key)
+
+
+def test_token_rank_rows_gradients_at_one_rank(seed):
+    # dispatch -> local partials -> return at W=1 (the exchanges copy to self), differentiated against autograd's
+    # numerical gradients: rows, routing weights (they return to the token's rank) and expert weights
+    cfg = fm.MoEConfig(hidden_size=6, ffn_hidden_size=4, num_experts=3, top_k=3, activation="gelu")
+    p = random_params(cfg, torch.float64)
+    ex = _one_rank_exchange()
+    ids = torch.tensor([[2, -1, 0], [1, 2, 0], [0, -1, -1], [-1, 1, -1]], dtype=torch.int32)
+    rows = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    weights = (torch.rand(4, 3, dtype=torch.float64) + 0.1).masked_fill(ids < 0, 0).requires_grad_()
+    w_up, w_down = (p[n].clone().requires_grad_() for n in ("w_up", "w_down"))
+
+    def f(rows, weights, w_up, w_down):
+        return exchange_token_rows(rows, weights, ids, torch.tensor([4]), ex, reference.expert_ffn, "gelu", w_up,
+                                   w_down)[0]
+
+    _check_vjp(f, (rows, weights, w_up, w_down))
+    assert ex.seq[DISPATCH] == ex.seq[RETURN] > 0, "every forward and backward ran both exchanges"
+
+
+def test_exchange_experts_sends_rows_beyond_a_slab_in_rounds(seed):
+    # per-(token, expert) rows (the fused backward's recompute) with 5 rows for a 2-row slab: three rounds, the
+    # outputs are the experts' own (weight 1: bit for bit), and the gradients are right
+    cfg = fm.MoEConfig(hidden_size=6, ffn_hidden_size=4, num_experts=3, top_k=2)
+    p = random_params(cfg, torch.float64)
+    ex = _one_rank_exchange(slab_rows=2)
+    counts = torch.tensor([[2, 0, 3]])
+    rows = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    w_up, w_down = (p[n].clone().requires_grad_() for n in ("w_up", "w_down"))
+    y, nbytes = exchange_experts(rows, counts, ex, reference.expert_ffn, "swiglu", w_up, w_down)
+    assert ex.seq == [3, 3] and nbytes == 0, "three rounds, nothing to other ranks"
+    experts = reference.per_expert(fm.MoEParams(router_weight=None, w_up=w_up, w_down=w_down))
+    want = torch.cat([reference.expert_block(rows[:2], experts[0], "swiglu"),
+                      reference.expert_block(rows[2:], experts[2], "swiglu")])
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+
+    def f(rows, w_up, w_down):
+        return exchange_experts(rows, counts, ex, reference.expert_ffn, "swiglu", w_up, w_down)[0]
+
+    _check_vjp(f, (rows, w_up, w_down))
 
 
 def test_expert_major_permutation(seed):
@@ -234,7 +392,6 @@ def test_one_gpu_rank_puts_to_itself_and_matches_reference(transport, tmp_path, 
     # World size 1 on one GPU: the protocol runs end to end (heap, signals, waits) with the only peer being self.
     import torch.distributed as dist
 
-    from tests.helpers import random_params
     from tests.tolerances import assert_close
 
     if transport == "nvshmem":

@@ -23,7 +23,16 @@ receive at least one row (E_hit*(H*N_up + I*H)*s, plus their biases) and the sha
 Bytes on the wire for expert parallelism (total over all ranks for one forward): the least any
 transport can move is one row out and one result row back per (token, remote rank) pair -- a rank sends
 a token once to each other rank that owns any of its experts, and the owner sums that token's experts
-before replying: 2 * P * H * s, P = pairs over all ranks.
+before replying: wire_min = 2 * P * H * s, P = pairs over all ranks. Payload only: the metadata and
+signal words a protocol adds are its overhead, shown by the ratio wire_bytes / wire_min. What the
+transports move, exactly (their stats.bytes_sent summed over ranks):
+
+    one-sided (shm, mpi, nvshmem)  wire_min + P * k * (w + 4) + 2 * W * (W-1) * 8
+                                   one row per (token, rank) each way; each row out carries k (weight, local
+                                   expert id) slots, w = 4 (fp32 weights; 8 for fp64 layers); one signal word
+                                   per (source, receiver) pair and direction
+    alltoall (Megatron's unit)     2 * A_remote * H * s + 2 * W * (W-1) * E_local * 8
+                                   one row per remote (token, expert) assignment each way, plus the counts
 
 Roofline efficiency = max(FLOPs / matmul rate, bytes / copy bandwidth) / measured time: 1.0 means the
 call ran at the speed of whichever of the two ceilings binds it.
@@ -108,8 +117,24 @@ def remote_pairs(topk_ids: torch.Tensor, kept: torch.Tensor, num_experts: int, w
 
 
 def wire_min_bytes(pairs_total: int, hidden_size: int, itemsize: int) -> float:
-    """Least bytes on the wire for one forward over all ranks: one row out and one back per pair."""
+    """Least bytes on the wire for one forward over all ranks: one row out and one back per (token, remote rank)
+    pair (payload only; see the module docstring)."""
     return 2.0 * pairs_total * hidden_size * itemsize
+
+
+def one_sided_wire_bytes(pairs_total: int, hidden_size: int, itemsize: int, top_k: int, weight_itemsize: int,
+                         world_size: int) -> int:
+    """Exactly what the one-sided transports put in one forward over all ranks (the sum of stats.bytes_sent):
+    wire_min + the routing metadata of the rows out + two signal words per ordered pair of ranks."""
+    meta = top_k * (weight_itemsize + 4)
+    return 2 * pairs_total * hidden_size * itemsize + pairs_total * meta + 2 * world_size * (world_size - 1) * 8
+
+
+def wire_ratio(wire_bytes: float | None, wire_min: float | None) -> float | None:
+    """wire_bytes / wire_min (1.0 = the least possible), None where either is unknown or the minimum is 0."""
+    if wire_bytes is None or not wire_min:
+        return None
+    return wire_bytes / wire_min
 
 
 def roofline_efficiency(w: Work, seconds: float, matmul_flops_per_s: float, copy_bytes_per_s: float

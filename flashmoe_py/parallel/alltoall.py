@@ -1,11 +1,13 @@
-"""`alltoall` transport: the bulk-synchronous baseline (what Megatron-style systems do).
+"""`alltoall` transport: the bulk-synchronous baseline, Megatron's all-to-all token dispatcher.
 
 One exchange = two collectives over the process group: `all_to_all_single` of the [W, E_local] counts, read
 on the host to size the second one, then `all_to_all_single` of the rows with those split sizes. NCCL on
-GPUs, gloo on CPUs. It moves the same rows as the one-sided protocol; what it adds is the host round trip
-for the counts (a host sync on a GPU) and the collective's barrier: every rank waits for the slowest
-before any row moves. Its `bytes_sent` counts the rows to other ranks plus the count words sent to them,
-so the two transports compare like for like. With CPU tensors (gloo) every collective waits at most
+GPUs, gloo on CPUs. Like Megatron's dispatcher it moves one row per (token, expert) in each direction (a
+token routed to two experts of one rank crosses twice, and the weighted combine happens on the token's rank);
+the one-sided transports move one row per (token, rank) (protocol.py). It also adds the host round trip for
+the counts (a host sync on a GPU) and the collective's barrier: every rank waits for the slowest before any
+row moves. It is the comparison point. Its `bytes_sent` counts the rows to other ranks plus the count words
+sent to them. With CPU tensors (gloo) every collective waits at most
 `timeout_s` and then raises `ExchangeTimeout` (a collective cannot tell which peer is missing); with CUDA
 tensors (NCCL) the process group's own timeout and watchdog apply, since a timed host wait would be a sync.
 """
@@ -18,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .heap import ExchangeTimeout
-from .layout import REGION_NAMES, SIGNAL_BYTES
+from .layout import REGION_NAMES, SIGNAL_BYTES, TOKEN_EXPERT
 from .protocol import ExchangeResult, check_send
 
 
@@ -29,6 +31,10 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 class AllToAllExchange:
+    """Per-(token, expert) exchanges over the process group's all_to_all_single (module docstring)."""
+
+    row_unit = TOKEN_EXPERT  # forward.py sends one row per (token, expert) through it
+
     def __init__(self, group, num_local_experts: int, timeout_s: float):
         self.group, self.num_local_experts, self.timeout_s = group, num_local_experts, float(timeout_s)
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)

@@ -19,13 +19,14 @@ from .. import env
 from ..config import MoEConfig
 from . import transports
 from .heap import HeapOverflow
-from .layout import HeapLayout
+from .layout import HeapLayout, TokenLayout
 from .protocol import ExchangeResult
 
 
 class ExpertParallel:
-    """Placement + transport for one layer. `exchange_for(dtype, device)` gives the object whose
-    `run(region, send_rows, send_counts) -> ExchangeResult` moves packets."""
+    """Placement + transport for one layer. `exchange_for(dtype, device)` gives the object that moves rows:
+    a `protocol.OneSidedExchange` (one row per (token, rank)) or an `alltoall.AllToAllExchange` (one row per
+    (token, expert)); their `row_unit` says which."""
 
     def __init__(self, cfg: MoEConfig, process_group, transport: str = "auto", *,
                  max_tokens_per_rank: int | None = None, timeout_s: float | None = None, device=None,
@@ -77,10 +78,19 @@ class ExpertParallel:
                                "pass a larger max_tokens_per_rank= or set FLASHMOE_EP_MAX_TOKENS")
 
     def layout_for(self, dtype: torch.dtype) -> HeapLayout:
+        """The fused kernel's per-(token, expert) heap layout for `dtype` (fused_backend.py)."""
         cfg = self.config
         itemsize = torch.empty((), dtype=dtype).element_size()
         return HeapLayout.for_layer(self.world_size, self.num_local_experts, cfg.top_k, self.max_tokens_per_rank,
                                     cfg.hidden_size, itemsize)
+
+    def exchange_layout_for(self, dtype: torch.dtype) -> TokenLayout:
+        """The one-sided exchange's per-(token, rank) heap layout for `dtype` (protocol.py): rows of the layer dtype,
+        routing weights in fp32 (fp64 for fp64 layers)."""
+        cfg = self.config
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return TokenLayout.for_layer(self.world_size, cfg.top_k, self.max_tokens_per_rank, cfg.hidden_size, itemsize,
+                                     8 if dtype == torch.float64 else 4)
 
     def exchange_for(self, dtype: torch.dtype, device: torch.device):
         """The exchange for tensors of `dtype` on `device`; the first call per key allocates the heap (collective)."""
@@ -96,7 +106,7 @@ class ExpertParallel:
         if self.transport == "alltoall":
             from .alltoall import AllToAllExchange
             return AllToAllExchange(self.group, self.num_local_experts, self.timeout_s)
-        layout = self.layout_for(dtype)
+        layout = self.exchange_layout_for(dtype)
         if self.transport == "shm":
             from .protocol import OneSidedExchange
             from .shm import ShmHeap

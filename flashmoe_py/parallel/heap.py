@@ -1,6 +1,8 @@
 """The symmetric-heap interface the one-sided protocol (protocol.py) is written against.
 
-A heap is one segment per rank, all of the same `HeapLayout`. A transport implements five primitives:
+A heap is one segment per rank, all of the same layout (layout.py: a `TokenLayout` for the host-driven exchange,
+a `HeapLayout` for the fused kernel; a heap needs only its `size` and `header()`). A transport implements five
+primitives:
 
     put(peer, offset, data)      copy bytes into the peer's segment (no ordering promised yet)
     signal(peer, offset, words)  store int64 words into the peer's segment *after* every earlier put to that
@@ -20,7 +22,7 @@ import abc
 
 import torch
 
-from .layout import HeapLayout
+from .layout import HeapLayout, TokenLayout
 
 
 class TransportUnavailable(RuntimeError):
@@ -40,7 +42,7 @@ class SymmetricHeap(abc.ABC):
 
     name: str = "?"
 
-    def __init__(self, layout: HeapLayout, rank: int, world_size: int):
+    def __init__(self, layout: HeapLayout | TokenLayout, rank: int, world_size: int):
         self.layout, self.rank, self.world_size = layout, rank, world_size
 
     @abc.abstractmethod

@@ -1,10 +1,18 @@
-"""Byte layout of one rank's segment of the symmetric heap, shared by every one-sided transport.
+"""Byte layouts of one rank's segment of the symmetric heap, shared by every one-sided transport.
 
 Every rank allocates a segment of the same size and layout (hence "symmetric"): a sender computes the
 address of its packet at a receiver from the receiver's segment base and these offsets alone, with no
-handshake. The layout is what the persistent fused kernel reuses (DESIGN §6): a device program puts
-rows and signals per (peer, expert) packet at these offsets, peer segments addressed as int64 base
-addresses (`SymmetricHeap.peer_address`) cast to pointers.
+handshake. Two layouts, one per protocol:
+
+- `TokenLayout`: the host-driven exchange of protocol.py (the unfused expert-parallel path over shm, mpi and
+  nvshmem): one row per (token, destination rank) with its routing metadata, one packet (and one signal
+  word) per (source, receiver) pair. Described at the class.
+- `HeapLayout`: the persistent fused kernel's (DESIGN §6): one row per (token, expert), one packet per
+  (source, receiver-side expert). A device program puts rows and signals at these offsets, peer segments
+  addressed as int64 base addresses (`SymmetricHeap.peer_address`) cast to pointers. Described below.
+
+HeapLayout
+----------
 
 Segment of rank r (offsets in bytes from the segment base; every block starts 128-byte aligned)::
 
@@ -19,10 +27,9 @@ Two regions, one per direction of an exchange:
   expert outputs travelling the same way (backward). `e` is the receiver's local expert.
 - RETURN: expert outputs travelling back to the token's rank (forward), and gradients of the dispatched
   rows (backward). `e` is the sender's local expert.
-Exchanges alternate DISPATCH, RETURN, DISPATCH, RETURN... on every rank (forward: dispatch then return;
-backward: the reverse exchanges in the same region order), which is what makes reuse safe without a
-reset: a rank writes its next packet into a slab only after it has received the reply to its previous
-one, and the reply is sent only after the receiver copied the previous packet out.
+A launch uses DISPATCH then RETURN, which is what makes reuse safe without a reset: a rank writes its
+next packet into a slab only after it has received the reply to its previous one, and the reply is sent
+only after the receiver copied the previous packet out (the TokenLayout exchanges rely on the same order).
 
 A packet (src -> dst, local expert e) is `count` rows of row_bytes each. Within the source's slab at
 the receiver, packets lie in expert order with no gaps: packet e starts at row sum(count[e'] for e' < e).
@@ -54,6 +61,9 @@ SEQ_LIMIT = 1 << 31
 
 DISPATCH, RETURN = 0, 1
 REGION_NAMES = ("dispatch", "return")
+TOKEN_RANK, TOKEN_EXPERT = "(token, rank)", "(token, expert)"  # what one row on the wire stands for (`row_unit`)
+COUNT_BITS = 31  # TokenLayout signal words: count in bits [0, 31), the "more rows follow" flag in bit 31
+MORE_FLAG = 1 << COUNT_BITS
 
 # Header word indices.
 H_MAGIC, H_VERSION, H_WORLD, H_LOCAL_EXPERTS, H_SLAB_ROWS, H_ROW_BYTES, H_SEQ0 = range(7)
@@ -104,3 +114,98 @@ class HeapLayout:
 
     def header(self) -> list[int]:
         return [MAGIC, VERSION, self.world_size, self.num_local_experts, self.slab_rows, self.row_bytes, 0, 0]
+
+
+TOKEN_MAGIC = 0x464D5452  # "FMTR": token-rank rows
+TOKEN_VERSION = 1
+# TokenLayout header word indices.
+T_MAGIC, T_VERSION, T_WORLD, T_SLAB_ROWS, T_ROW_BYTES, T_META_ROW_BYTES, T_SEQ0 = range(7)
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """The host-driven exchange's segment (protocol.py): one row per (token, destination rank).
+
+    Segment of rank r (offsets in bytes from the segment base; every block starts 128-byte aligned)::
+
+        header      8 int64                        MAGIC, VERSION, W, slab_rows, row_bytes, meta_row_bytes,
+                                                   seq[DISPATCH], seq[RETURN]
+        signals[0]  [W] int64                      DISPATCH signal of the packet from src: written by src only
+        signals[1]  [W] int64                      RETURN signal of the packet from src: written by src only
+        data[0]     [W, slab_rows, row_bytes]      DISPATCH row slabs, one per source rank
+        data[1]     [W, slab_rows, row_bytes]      RETURN row slabs
+        meta[0]     [W, slab_rows, meta_row_bytes] DISPATCH metadata slabs, one per source rank
+        meta[1]     [W, slab_rows, meta_row_bytes] RETURN metadata slabs
+
+    One exchange puts one packet per (source, receiver) pair: `count` rows of `row_bytes` each at the start of
+    the source's data slab, and, when the exchange carries metadata, `count` metadata rows of M <= meta_row_bytes
+    bytes each (M fixed per exchange, known to both sides) packed at the start of its metadata slab. Only those
+    bytes cross the wire. What the protocol carries in the metadata (protocol.py, forward.py):
+
+        forward dispatch   per row k slots: k routing weights (fp32; fp64 for fp64 layers), then k int32 local
+                           expert ids of the receiver (-1: the slot is not the receiver's, or was dropped)
+        forward return     none (one partial-sum row per (token, rank))
+        backward dispatch  none (the expert's rank kept the ids and weights from the forward)
+        backward return    per row the k routing-weight gradients (fp32; fp64)
+
+    A signal word is `(seq << 32) | (more << 31) | count`: release-stored after the packet's bytes, read with
+    acquire before them, `seq` the sender's exchange number in that region (header seq[region], never reset),
+    `more` set when the sender has rows for another round of the same call (forward.py: per-(token, expert) rows
+    of `exchange_experts` that do not fit one slab). Every pair is signalled every exchange, empty packets with
+    count 0.
+
+    Sizing: a source sends a receiver at most one row per token, so `slab_rows = max_tokens_per_rank` (the
+    per-(token, expert) layout needs top_k times that); `meta_row_bytes = top_k * (weight_itemsize + 4)`.
+    """
+
+    world_size: int
+    slab_rows: int  # rows one source may put into one region of one receiver: max_tokens_per_rank
+    row_bytes: int  # hidden_size * itemsize of the exchanged dtype
+    meta_row_bytes: int  # the most metadata bytes one row carries
+
+    def __post_init__(self):
+        if not 0 < self.slab_rows < MORE_FLAG:
+            raise ValueError(f"slab_rows={self.slab_rows}: must be in [1, 2^31) (the signal word's count field)")
+
+    @classmethod
+    def for_layer(cls, world_size: int, top_k: int, max_tokens_per_rank: int, hidden_size: int, itemsize: int,
+                  weight_itemsize: int) -> TokenLayout:
+        """weight_itemsize: bytes of a routing weight, 4 (fp32) or 8 (fp64 layers)."""
+        return cls(world_size, max_tokens_per_rank, hidden_size * itemsize, top_k * (weight_itemsize + 4))
+
+    @property
+    def signals_bytes(self) -> int:
+        return _align(self.world_size * SIGNAL_BYTES)
+
+    @property
+    def slab_bytes(self) -> int:
+        return _align(self.slab_rows * self.row_bytes)
+
+    @property
+    def meta_slab_bytes(self) -> int:
+        return _align(self.slab_rows * self.meta_row_bytes)
+
+    def seq_offset(self, region: int) -> int:
+        return (T_SEQ0 + region) * 8
+
+    def signal_offset(self, region: int, src: int) -> int:
+        """Byte offset of the signal word of the packet from rank `src` in `region`."""
+        return _align(HEADER_WORDS * 8) + region * self.signals_bytes + src * SIGNAL_BYTES
+
+    def data_offset(self, region: int, src: int) -> int:
+        """Byte offset of the row slab of rank `src` in `region`."""
+        base = _align(HEADER_WORDS * 8) + 2 * self.signals_bytes
+        return base + (region * self.world_size + src) * self.slab_bytes
+
+    def meta_offset(self, region: int, src: int) -> int:
+        """Byte offset of the metadata slab of rank `src` in `region`."""
+        base = self.data_offset(1, self.world_size - 1) + self.slab_bytes
+        return base + (region * self.world_size + src) * self.meta_slab_bytes
+
+    @property
+    def size(self) -> int:
+        return self.meta_offset(1, self.world_size - 1) + self.meta_slab_bytes
+
+    def header(self) -> list[int]:
+        return [TOKEN_MAGIC, TOKEN_VERSION, self.world_size, self.slab_rows, self.row_bytes, self.meta_row_bytes, 0,
+                0]

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from .. import env
 from .heap import SymmetricHeap, TransportUnavailable
-from .layout import HeapLayout
+from .layout import HeapLayout, TokenLayout
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -43,7 +43,7 @@ def unavailable_reason(device: torch.device) -> str | None:
 class MpiHeap(SymmetricHeap):
     name = "mpi"
 
-    def __init__(self, layout: HeapLayout, group):
+    def __init__(self, layout: HeapLayout | TokenLayout, group):
         super().__init__(layout, dist.get_rank(group), dist.get_world_size(group))
         from mpi4py import MPI
         self._MPI = MPI

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from .. import env
 from .heap import SymmetricHeap, TransportUnavailable
-from .layout import HeapLayout
+from .layout import HeapLayout, TokenLayout
 
 _runtime = {"initialized": False, "finalized": False}
 _live_heaps: "weakref.WeakSet" = weakref.WeakSet()  # heaps still holding symmetric memory, freed before finalize
@@ -97,7 +97,7 @@ def _finalize() -> None:
 class NvshmemHeap(SymmetricHeap):
     name = "nvshmem"
 
-    def __init__(self, layout: HeapLayout, group, device: torch.device):
+    def __init__(self, layout: HeapLayout | TokenLayout, group, device: torch.device):
         super().__init__(layout, dist.get_rank(group), dist.get_world_size(group))
         import nvshmem.core as nvshmem
 

@@ -1,26 +1,31 @@
 """The one-sided dispatch/return protocol of DESIGN §5 on a `SymmetricHeap`, driven from the host.
 
-One exchange moves packets in one region (layout.py): every rank sends every other rank one packet per
-receiver-side expert slot, then waits for the packets addressed to it.
+One exchange moves one packet per (source, receiver) pair in one region of a `TokenLayout` (layout.py): the
+rows a rank has for that receiver (one per (token, receiver) in the expert-parallel forward, forward.py), and
+their metadata when the exchange carries any.
 
-    send:  for each peer d != me:  put rows of d's packets into d's slab for `me`   (only routed rows)
-                                   release-store d's signal words (me, e) = seq<<32 | count
-    recv:  for each peer p != me:  acquire-wait on my words (p, e) for sequence seq, with a timeout
-                                   copy p's rows out of my slab
-    self:  my own packets never touch the heap
+    send:  for each peer d != me:  put my rows for d into d's row slab for `me`, my metadata rows for d into
+                                   d's metadata slab for `me`  (only those bytes)
+                                   release-store d's signal word (me) = seq<<32 | more<<31 | count
+    recv:  for each peer p != me:  acquire-wait on my word (p) for sequence seq, with a timeout
+                                   copy p's rows (and metadata) out of my slabs
+    self:  my own packet never touches the heap
 
 Invariants, as DESIGN §5 numbers them:
-1. bytes put = rows * row_bytes + E_local signal words per peer; no padding (`ExchangeResult.bytes_sent`).
-2. a signal word (src, e) in rank r's segment is written by rank src only, after its rows (release), and
-   rows are read after the word is seen (acquire).
+1. bytes put = rows * (row_bytes + M) + one signal word per peer, M the exchange's metadata bytes per row
+   (0 when it carries none); no padding (`PacketResult.bytes_sent`).
+2. the signal word (src) in rank r's segment is written by rank src only, after its packet (release), and the
+   packet is read after the word is seen (acquire).
 3. `seq` counts this rank's exchanges per region; nothing is ever reset (100 forwards reuse the heap).
+   Reuse is safe because every rank alternates DISPATCH, RETURN, DISPATCH, ... and every exchange pairs every
+   two ranks: a rank writes its next packet into a slab only after it received the peer's reply to the previous
+   one, which the peer sends only after it copied that packet out.
 4. no host sync on GPUs: NOT met by this host-driven protocol, which reads the counts on the host to size
-   its copies (free on CPU heaps, one sync per exchange on the nvshmem heap). The fused kernel of DESIGN §6
-   (a later piece of work) is the path meant to meet it, putting rows and signals from the device into
-   this same layout.
-5. every wait has a deadline; `ExchangeTimeout` names the rank, the peer and the slot.
-6. packets are checked against the slab size before anything is written (`HeapOverflow`), and counts
-   read from signal words are checked again before rows are read.
+   its copies (free on CPU heaps, one sync per exchange on the nvshmem heap). The fused kernel of DESIGN §6 is
+   the path meant to meet it, putting rows and signals from the device (into its own per-expert HeapLayout).
+5. every wait has a deadline; `ExchangeTimeout` names the rank, the peer and the slot (the peer's packet).
+6. packets are checked against the slab size before anything is written (`HeapOverflow`), and counts read
+   from signal words are checked again before rows are read.
 """
 
 from __future__ import annotations
@@ -31,16 +36,16 @@ from dataclasses import dataclass
 import torch
 
 from .heap import ExchangeTimeout, HeapOverflow, SymmetricHeap
-from .layout import REGION_NAMES, SEQ_LIMIT, SIGNAL_BYTES, HeapLayout
+from .layout import MORE_FLAG, REGION_NAMES, SEQ_LIMIT, SIGNAL_BYTES, TOKEN_RANK, TokenLayout
 
 
 @dataclass
 class ExchangeResult:
-    """What one exchange delivered to this rank.
+    """What one per-(token, expert) exchange delivered to this rank (the `alltoall` baseline's unit).
 
     rows       [R, H] exchanged dtype   received rows, source-major then expert-major (own rows included)
     counts     [W, E_local] int64       rows per (source rank, expert slot)
-    bytes_sent int                      payload + signal bytes this rank put to other ranks
+    bytes_sent int                      payload + count bytes this rank sent to other ranks
     """
 
     rows: torch.Tensor
@@ -48,9 +53,27 @@ class ExchangeResult:
     bytes_sent: int
 
 
+@dataclass
+class PacketResult:
+    """What one exchange of `OneSidedExchange` delivered to this rank.
+
+    rows       [R, H] exchanged dtype   received rows, source-major (own rows included, in place of rank me)
+    meta       [R, M] uint8 or None     their metadata rows, in the same order (None: the exchange had none)
+    counts     [W] int64 CPU            rows per source rank
+    bytes_sent int                      rows, metadata and signal bytes this rank put to other ranks
+    more       bool                     some rank (this one included) said another round of the call follows
+    """
+
+    rows: torch.Tensor
+    meta: torch.Tensor | None
+    counts: torch.Tensor
+    bytes_sent: int
+    more: bool
+
+
 def check_send(send_rows: torch.Tensor, send_counts: torch.Tensor, world_size: int, num_local_experts: int,
                slab_rows: int | None) -> torch.Tensor:
-    """Validate one exchange's arguments; returns rows per peer [W] int64 (CPU)."""
+    """Validate a per-(token, expert) exchange's arguments (send_counts [W, E_local]); returns rows per peer [W]."""
     if tuple(send_counts.shape) != (world_size, num_local_experts):
         raise ValueError(f"send_counts: expected shape [W={world_size}, E_local={num_local_experts}], "
                          f"got {tuple(send_counts.shape)}")
@@ -66,11 +89,15 @@ def check_send(send_rows: torch.Tensor, send_counts: torch.Tensor, world_size: i
 
 
 class OneSidedExchange:
-    """Dispatch/return exchanges over a symmetric heap. One per layer (and dtype); not thread-safe."""
+    """Dispatch/return exchanges over a symmetric heap with a `TokenLayout`. One per layer (and dtype); not
+    thread-safe. `slab_rows` is the most rows one call of `run` may send one peer."""
 
-    def __init__(self, heap: SymmetricHeap, layout: HeapLayout, timeout_s: float):
+    row_unit = TOKEN_RANK  # forward.py sends one row per (token, destination rank) through it
+
+    def __init__(self, heap: SymmetricHeap, layout: TokenLayout, timeout_s: float):
         self.heap, self.layout, self.timeout_s = heap, layout, float(timeout_s)
         self.rank, self.world_size = heap.rank, heap.world_size
+        self.slab_rows = layout.slab_rows
         self.seq = [0, 0]
         self.failed: str | None = None  # set after a timeout: the heap's sequence state is then unknown
 
@@ -83,65 +110,100 @@ class OneSidedExchange:
             raise RuntimeError(f"rank {self.rank}: {REGION_NAMES[region]} sequence numbers exhausted (2^31 exchanges)")
         return seq
 
-    def run(self, region: int, send_rows: torch.Tensor, send_counts: torch.Tensor) -> ExchangeResult:
-        """send_rows [S, H] peer-major then expert-major; send_counts [W, E_local] int64 CPU -> ExchangeResult."""
-        lay, me, w = self.layout, self.rank, self.world_size
-        el = lay.num_local_experts
-        per_peer = check_send(send_rows, send_counts, w, el, lay.slab_rows)
+    def _check(self, send_rows: torch.Tensor, per_peer: torch.Tensor, meta: torch.Tensor | None) -> list[int]:
+        lay, w = self.layout, self.world_size
+        if tuple(per_peer.shape) != (w,):
+            raise ValueError(f"per_peer: expected shape [W={w}], got {tuple(per_peer.shape)}")
+        counts = per_peer.tolist()
+        total = sum(counts)
+        if send_rows.dim() != 2 or send_rows.shape[0] != total:
+            raise ValueError(f"send_rows: expected [{total}, H] (the sum of per_peer), got {tuple(send_rows.shape)}")
         if send_rows.shape[1] * send_rows.element_size() != lay.row_bytes:
             raise ValueError(f"send_rows: rows of {send_rows.shape[1] * send_rows.element_size()} bytes, but the heap "
                              f"was laid out for {lay.row_bytes}-byte rows")
+        if meta is not None and (meta.dtype != torch.uint8 or meta.dim() != 2 or meta.shape[0] != total
+                                 or meta.shape[1] > lay.meta_row_bytes):
+            raise ValueError(f"meta: expected uint8 [{total}, M <= {lay.meta_row_bytes}], got {meta.dtype} "
+                             f"{tuple(meta.shape)}")
+        if min(counts) < 0:
+            raise ValueError(f"per_peer: negative row counts {counts}")
+        if total and max(counts) > lay.slab_rows:
+            peer = counts.index(max(counts))
+            raise HeapOverflow(f"{counts[peer]} rows for rank {peer} exceed the heap's {lay.slab_rows} rows per "
+                               "source (max_tokens_per_rank: one row per (token, rank)); raise max_tokens_per_rank")
+        return counts
+
+    def run(self, region: int, send_rows: torch.Tensor, per_peer: torch.Tensor, meta: torch.Tensor | None = None,
+            more: bool = False) -> PacketResult:
+        """One exchange (collective: every rank calls it with the same region, and with metadata or without).
+
+        send_rows [S, H] peer-major; per_peer [W] int64 CPU rows for each rank (own included); meta [S, M] uint8
+        or None: M bytes per row, the same M on every rank; more: this rank has rows for another round of the same
+        call (carried in its signal words; see PacketResult.more) -> PacketResult.
+        """
+        lay, me, w = self.layout, self.rank, self.world_size
+        counts = self._check(send_rows, per_peer, meta)
         seq = self._next_seq(region)
         send_rows = send_rows.contiguous()
-        starts = torch.cumsum(per_peer, 0) - per_peer
-        starts_l, per_peer_l = starts.tolist(), per_peer.tolist()
-        words = (seq << 32) | send_counts
+        meta = None if meta is None else meta.contiguous()
+        mbytes = 0 if meta is None else meta.shape[1]
+        starts = [sum(counts[:d]) for d in range(w)]
+        flag = MORE_FLAG if more else 0
         bytes_sent = 0
         for i in range(1, w):
             peer = (me + i) % w
-            n = per_peer_l[peer]
+            n, at = counts[peer], starts[peer]
             if n:
-                self.heap.put(peer, lay.data_offset(region, me), send_rows[starts_l[peer]:starts_l[peer] + n])
-            self.heap.signal(peer, lay.signal_offset(region, me), words[peer].contiguous())
-            bytes_sent += n * lay.row_bytes + el * SIGNAL_BYTES
+                self.heap.put(peer, lay.data_offset(region, me), send_rows[at:at + n])
+                if mbytes:
+                    self.heap.put(peer, lay.meta_offset(region, me), meta[at:at + n])
+            word = torch.tensor([(seq << 32) | flag | n], dtype=torch.int64)
+            self.heap.signal(peer, lay.signal_offset(region, me), word)
+            bytes_sent += n * (lay.row_bytes + mbytes) + SIGNAL_BYTES
         self.seq[region] = seq
         self.heap.write_local_word(lay.seq_offset(region), seq)
 
-        recv_counts = torch.empty(w, el, dtype=torch.int64)
-        recv_counts[me] = send_counts[me]
+        recv = [0] * w
+        recv[me] = counts[me]
+        any_more = more
         deadline = time.monotonic() + self.timeout_s
         for i in range(1, w):
             peer = (me - i) % w
-            missing, seen = self.heap.wait(lay.signal_offset(region, peer), el, seq,
+            missing, seen = self.heap.wait(lay.signal_offset(region, peer), 1, seq,
                                            max(deadline - time.monotonic(), 1e-3))
             if missing >= 0:
-                self._timeout(region, peer, missing, seq, int(seen[missing]))
-            counts = seen & 0xFFFFFFFF
-            if int(counts.sum()) > lay.slab_rows:
-                raise RuntimeError(f"rank {me}: peer {peer} signalled {int(counts.sum())} rows in the "
-                                   f"{REGION_NAMES[region]} region, more than its {lay.slab_rows}-row slab")
-            recv_counts[peer] = counts
-        recv_per_src = recv_counts.sum(1).tolist()
-        rows = send_rows.new_empty(sum(recv_per_src), send_rows.shape[1])
+                self._timeout(region, peer, seq, int(seen[0]))
+            word = int(seen[0])
+            n = word & (MORE_FLAG - 1)
+            if n > lay.slab_rows:
+                raise RuntimeError(f"rank {me}: peer {peer} signalled {n} rows in the {REGION_NAMES[region]} region, "
+                                   f"more than its {lay.slab_rows}-row slab")
+            recv[peer] = n
+            any_more = any_more or bool(word & MORE_FLAG)
+        total = sum(recv)
+        rows = send_rows.new_empty(total, send_rows.shape[1])
+        got_meta = None if meta is None else meta.new_empty(total, mbytes)
         at = 0
-        for src, n in enumerate(recv_per_src):
+        for src, n in enumerate(recv):
             if not n:
                 continue
             if src == me:
-                rows[at:at + n] = send_rows[starts_l[me]:starts_l[me] + n]
+                rows[at:at + n] = send_rows[starts[me]:starts[me] + n]
+                if mbytes:
+                    got_meta[at:at + n] = meta[starts[me]:starts[me] + n]
             else:
                 raw = self.heap.local(lay.data_offset(region, src), n * lay.row_bytes)
                 rows[at:at + n] = raw.view(send_rows.dtype).view(n, -1)
+                if mbytes:
+                    got_meta[at:at + n] = self.heap.local(lay.meta_offset(region, src), n * mbytes).view(n, mbytes)
             at += n
-        return ExchangeResult(rows, recv_counts, bytes_sent)
+        return PacketResult(rows, got_meta, torch.tensor(recv, dtype=torch.int64), bytes_sent, any_more)
 
-    def _timeout(self, region: int, peer: int, slot: int, seq: int, seen: int) -> None:
-        el = self.layout.num_local_experts
-        owner = self.rank if region == 0 else peer
+    def _timeout(self, region: int, peer: int, seq: int, seen: int) -> None:
         self.failed = (f"rank {self.rank}: timed out after {self.timeout_s:g} s waiting for peer {peer}: "
-                       f"{REGION_NAMES[region]} slot (src={peer}, expert {slot} = global expert {owner * el + slot}) "
-                       f"expected sequence {seq}, saw {seen >> 32}. The peer is dead, slow, or skipped an exchange "
-                       f"(every rank must run each forward and backward of the layer)")
+                       f"{REGION_NAMES[region]} slot (src={peer}: its packet of rows for rank {self.rank}) expected "
+                       f"sequence {seq}, saw {seen >> 32}. The peer is dead, slow, or skipped an exchange (every rank "
+                       "must run each forward and backward of the layer)")
         raise ExchangeTimeout(self.failed)
 
     def close(self) -> None:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .heap import SymmetricHeap, TransportUnavailable
-from .layout import HeapLayout
+from .layout import HeapLayout, TokenLayout
 
 SHM_DIR = "/dev/shm"
 
@@ -61,7 +61,7 @@ def check_one_node(group) -> None:
 class ShmHeap(SymmetricHeap):
     name = "shm"
 
-    def __init__(self, layout: HeapLayout, group):
+    def __init__(self, layout: HeapLayout | TokenLayout, group):
         super().__init__(layout, dist.get_rank(group), dist.get_world_size(group))
         self._C = _native()
         own = f"flashmoe-{secrets.token_hex(8)}-r{self.rank}"
