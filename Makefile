@@ -64,7 +64,7 @@ test-triton-oldest:
 triton-oldest-run: $(INSTALLED) compile-check
 	$(PY) -m pytest -q -W "ignore:Conversion of an array with ndim:DeprecationWarning" \
 		tests/test_triton_backend.py tests/test_fused.py tests/test_fused_ep.py tests/test_local_ranks.py \
-		tests/test_fused_states.py tests/test_offsets.py tests/test_compile.py
+		tests/test_fused_states.py tests/test_offsets.py tests/test_compile.py tests/test_routing_kernels.py
 
 # gpu-check: the install part is timed and recorded too (it counts towards the 8 minutes, and is what fails first
 # without a registry), then gpu-check-run; when the install failed, the device is still recorded.

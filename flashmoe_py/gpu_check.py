@@ -11,7 +11,8 @@ summary `...-summary.json` is rewritten before and after every step, so a killed
 at most 8 files (small text records are concatenated into one when there would be more).
 
 `--dry-run` (any machine): lists the steps, runs those that need no GPU, and for the others runs only what
-needs no GPU (collecting the tests, finding compute-sanitizer, parsing the benchmark's options), each marked
+needs no GPU (collecting the tests, finding compute-sanitizer, parsing the benchmark's options, printing the
+GPU measurements' plan: flashmoe_py/bench/kernel_perf.py), each marked
 "skipped (no GPU)"; it still writes every record and exits 0 when all that ran passed.
 
 Internal modes, run by the steps: `--device-info` (step 1), `--sanitize` (step 5: a warm-up run, then the
@@ -52,7 +53,8 @@ BENCH_ARGS = ("--tokens", "64", "4096", "--dtype", "bfloat16", "--no-progress")
 
 @dataclass(frozen=True)
 class Step:
-    """One check. `command` may hold "{timeout}" (seconds it gets) and "{stem}" (the records' path prefix)."""
+    """One check. `command` may hold "{timeout}" (seconds it gets), "{deadline}" (epoch seconds when it is killed)
+    and "{stem}" (the records' path prefix)."""
 
     name: str                        # record file suffix: letters, digits and '-' only
     title: str
@@ -71,11 +73,12 @@ def plan(python: str = sys.executable) -> list[Step]:
     me = (python, "-m", "flashmoe_py.gpu_check")
     pytest = (python, "-m", "pytest")
     bench = (python, "-m", "flashmoe_py.bench.cli", *BENCH_ARGS)
+    perf = (python, "-m", "flashmoe_py.bench.kernel_perf")
     return [
         Step("device", "device and versions", (python, str(HERE), "--device-info"), 15, False,
              needs_install=False),
         # `gpu` tests skip without CUDA (tests/conftest.py); here they run.
-        Step("gpu-tests", "gpu tests (pytest -m gpu)", (*pytest, *PYTEST_FLAGS, "-m", "gpu"), 140, True,
+        Step("gpu-tests", "gpu tests (pytest -m gpu)", (*pytest, *PYTEST_FLAGS, "-m", "gpu"), 120, True,
              dry_command=(*pytest, "-q", "--collect-only", "-m", "gpu")),
         # With CUDA, tests/test_fused.py runs compiled: one PHASE=ALL launch per forward (its docstring).
         Step("fused-all", "fused PHASE=ALL, world size 1", (*pytest, *PYTEST_FLAGS, "tests/test_fused.py"), 70, True,
@@ -84,12 +87,17 @@ def plan(python: str = sys.executable) -> list[Step]:
              40, True, requires=("tests/test_local_ranks.py",),
              dry_command=(*pytest, "-q", "--collect-only", "tests/test_local_ranks.py")),
         Step("sanitizer", "compute-sanitizer memcheck + synccheck", (*me, "--sanitize", "--timeout", "{timeout}"),
-             75, True, dry_command=(*me, "--sanitize", "--locate")),
-        Step("bench", "benchmark, GPU shapes", (*bench, "--out", "{stem}-bench"), 80, True,
+             65, True, dry_command=(*me, "--sanitize", "--locate")),
+        Step("bench", "benchmark, GPU shapes", (*bench, "--out", "{stem}-bench"), 50, True,
              dry_command=(python, "-c", "import sys; from flashmoe_py.bench.cli import build_parser; "
                                         "a = build_parser().parse_args(sys.argv[1:]); "
                                         "print(f'bench options parse: tokens {a.tokens}, dtype {a.dtype}')",
                           *BENCH_ARGS)),
+        # Kernel TFLOP/s against cuBLAS, decode against the copy bandwidth, baselines, launch orders (issue 12.7):
+        # its own deadline from "{deadline}", so it ends its cases and writes its record before the kill.
+        Step("kernel-perf", "GPU measurements (kernels, decode, baselines)",
+             (*perf, "--deadline", "{deadline}", "--out", "{stem}-perf.json"), 60, True,
+             dry_command=(*perf, "--dry-run")),
     ]
 
 
@@ -302,7 +310,8 @@ class Check:
             paths.append(Path(self.install_log))
         for step in self.steps:
             paths.append(self.record_path(step))
-        paths += sorted(Path(p) for p in self.results.glob(f"gpu-check-{self.stamp}-bench*.json"))
+        for kind in ("bench", "perf"):
+            paths += sorted(Path(p) for p in self.results.glob(f"gpu-check-{self.stamp}-{kind}*.json"))
         return paths
 
     def checkpoint(self, finished: bool = False, ok: bool | None = None) -> None:
@@ -380,7 +389,8 @@ class Check:
             row["record"] = str(self._start_record(step, step.command, None, "not run: out of time"))
             self.print(_line(i, n, step.title, None, step.budget_s, "skipped (out of time)"))
             return
-        argv = [a.format(timeout=int(timeout), stem=self.stem) for a in step.command]
+        killed_at = f"{time.time() + timeout:.1f}"  # run_bounded starts its clock after this: never later
+        argv = [a.format(timeout=int(timeout), stem=self.stem, deadline=killed_at) for a in step.command]
         rec = self._start_record(step, argv, timeout)
         row.update(status="running", record=str(rec), command=_fmt_cmd(argv))
         self.checkpoint()

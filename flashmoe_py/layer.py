@@ -76,7 +76,6 @@ class FusedMoE(nn.Module):
         self.shared_w_up = nn.Parameter(torch.empty(h, cfg.shared_up_size, **fk)) if shared else None
         self.shared_w_down = nn.Parameter(torch.empty(cfg.shared_hidden_size, h, **fk)) if shared else None
         self.shared_gate_weight = nn.Parameter(torch.empty(1, h, **fk)) if cfg.shared_expert_gate else None
-        self.aux_loss: torch.Tensor | None = None
         self.stats: MoEStats | None = None
         self.last_output: MoEOutput | None = None
         self.reset_parameters()
@@ -112,8 +111,13 @@ class FusedMoE(nn.Module):
         """x [..., H] in the layer dtype -> [..., H]. Optional caller routing: topk_ids/topk_weights [T, k]."""
         result = moe(x, self.params(), self.config, backend=self.backend, topk_ids=topk_ids,
                      topk_weights=topk_weights, expert_parallel=self.expert_parallel)
-        self.aux_loss, self.stats, self.last_output = result.aux_loss, result.stats, result
+        self.stats, self.last_output = result.stats, result
         return result.out
+
+    @property
+    def aux_loss(self) -> torch.Tensor | None:
+        """The last forward's aux_loss (None before the first): computed when first read (MoEOutput)."""
+        return None if self.last_output is None else self.last_output.aux_loss
 
     def extra_repr(self) -> str:
         c = self.config

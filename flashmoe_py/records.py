@@ -5,7 +5,8 @@ Nothing here computes; every tensor's shape and dtype is given where it is decla
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 
@@ -87,8 +88,9 @@ class MoEStats:
 
     tokens_per_expert [E] int64   assignments each expert processed (after capacity), global expert ids
     dropped           []  int64   assignments dropped by capacity
-    bytes_sent        int         payload + signal bytes this rank put to other ranks (0 on one rank); the fused
-                                  backend counts them on the device: a 0-d int64 tensor there
+    bytes_sent        int         payload + metadata (routing weights and local expert ids of one-row-per-
+                                  (token, rank) dispatches) + signal bytes this rank put to other ranks (0 on one
+                                  rank); the fused backend counts them on the device: a 0-d int64 tensor there
     rows_per_peer     [W] int64 or None   rows this rank sent to each rank in the last forward (distributed)
     kernel_launches   int or None kernel launches of the forward, where the backend counts them
     host_syncs        int or None host synchronisations of the forward, where the backend counts them
@@ -105,7 +107,6 @@ class MoEStats:
     tasks_per_program: torch.Tensor | None = None
 
 
-@dataclass
 class MoEOutput:
     """What `flashmoe_py.moe` returns.
 
@@ -116,12 +117,51 @@ class MoEOutput:
     z_loss   []  float32        mean(logsumexp(logits)^2)
     stats    MoEStats
     backend  str                the backend that ran
+
+    The losses are given (aux_loss, lb_loss, z_loss) or computed on first read by `losses() -> (lb_loss,
+    z_loss)` with the coefficients `loss_coefs` (lb, z): a backend that would otherwise run a dozen small kernels
+    per call for losses nobody reads passes the function. With both coefficients 0, aux_loss is then 0 without
+    computing them: 0 * anchor.sum() when `anchor` (a tensor of the router's graph, e.g. the logits) is given, so
+    the router keeps a gradient (of zeros, not None: DDP expects one) as when the losses are computed; else a zero
+    constant.
     """
 
-    out: torch.Tensor
-    routing: Routing
-    aux_loss: torch.Tensor
-    lb_loss: torch.Tensor
-    z_loss: torch.Tensor
-    stats: MoEStats
-    backend: str = field(default="reference")
+    def __init__(self, out: torch.Tensor, routing: Routing, stats: MoEStats, backend: str = "reference", *,
+                 aux_loss: torch.Tensor | None = None, lb_loss: torch.Tensor | None = None,
+                 z_loss: torch.Tensor | None = None,
+                 losses: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 loss_coefs: tuple[float, float] = (0.0, 0.0), anchor: torch.Tensor | None = None):
+        if losses is None and (aux_loss is None or lb_loss is None or z_loss is None):
+            raise ValueError("MoEOutput: give aux_loss, lb_loss and z_loss, or losses")
+        self.out, self.routing, self.stats, self.backend = out, routing, stats, backend
+        self._aux, self._lb, self._z = aux_loss, lb_loss, z_loss
+        self._losses, self._coefs, self._anchor = losses, loss_coefs, anchor
+
+    def _computed(self) -> None:
+        if self._lb is None:
+            self._lb, self._z = self._losses()
+
+    @property
+    def lb_loss(self) -> torch.Tensor:
+        self._computed()
+        return self._lb
+
+    @property
+    def z_loss(self) -> torch.Tensor:
+        self._computed()
+        return self._z
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        if self._aux is None:
+            lb_coef, z_coef = self._coefs
+            if lb_coef == 0 and z_coef == 0 and self._anchor is not None:
+                self._aux = self._anchor.sum() * 0.0
+            elif lb_coef == 0 and z_coef == 0:
+                self._aux = torch.zeros((), dtype=torch.float32, device=self.out.device)
+            else:
+                self._aux = lb_coef * self.lb_loss + z_coef * self.z_loss
+        return self._aux
+
+    def __repr__(self) -> str:
+        return f"MoEOutput(out={tuple(self.out.shape)}, backend={self.backend!r}, stats={self.stats!r})"

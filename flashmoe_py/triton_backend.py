@@ -169,17 +169,24 @@ def _dot_flags(dtype: torch.dtype) -> dict:
     return {"UPCAST": interpreting and dtype == torch.bfloat16, "PRECISION": precision}
 
 
-def _gemm(kernel: str, dtype: torch.dtype, device: torch.device, rows: int, num_experts: int):
+def _gemm(kernel: str, dtype: torch.dtype, device: torch.device, rows: int, num_experts: int, auto_group=None):
+    """(block constexprs BLOCK_M/N/K and GROUP_M, warps, stages, tags) of one GEMM launch. auto_group(config) gives
+    GROUP_M where the config's is 0 ("dw": chosen per launch, see _weight_grad)."""
     cfgs = _kernels().configs
     regime = cfgs.regime(rows, num_experts)
-    bm, bn, bk, warps, stages = cfgs.gemm_config(_target(device), regime, kernel, dtype.itemsize)
-    tags = {"regime": regime, "config": f"{bm}x{bn}x{bk} w{warps} s{stages}"}
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, warps, stages, tags
+    c = cfgs.gemm_config(_target(device), regime, kernel, dtype.itemsize)
+    if c.group_m == 0:
+        c = c._replace(group_m=auto_group(c))
+    tags = {"regime": regime,
+            "config": f"{c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages} g{c.group_m}"}
+    blocks = {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "GROUP_M": c.group_m}
+    return blocks, c.num_warps, c.num_stages, tags
 
 
 def _m_tiles(rows: int, num_experts: int, block_m: int) -> int:
     """Upper bound on the row tiles of a grouped GEMM over `rows` rows split among experts: each non-empty
-    expert wastes less than one tile, and no tile is empty."""
+    expert wastes less than one tile, and no tile is empty. The GEMM grids are 1-D, this bound times the column
+    tiles; the kernels count the real row tiles and decode their grouped order (experts.grouped_row_tile)."""
     return min(rows, (rows + num_experts * (block_m - 1)) // block_m)
 
 
@@ -207,79 +214,141 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
 
-def route_impl(logits: torch.Tensor, expert_bias: Optional[torch.Tensor], top_k: int, score_func: str,
-               renormalize: bool, scaling: float, num_groups: int, topk_groups: int):
-    """logits [T, E] fp32/fp64 -> (topk_ids [T, k] int64, weights [T, k], scores [T, E], counts_all [E] int32)."""
-    t, e = logits.shape
-    dev = logits.device
+def _routing_blocks(t: int, e: int, device) -> tuple[int, int, int]:
+    """(E_PAD, BLOCK_T, NB) shared by every routing launch of one call (the block table's rows are BLOCK_T tokens)."""
+    e_pad = max(16, _pow2(e))  # the router dot's smallest N
+    block_t = _kernels().configs.route_block_t(_target(device), e_pad)
+    return e_pad, block_t, max(1, _cdiv(t, block_t))
+
+
+def route_impl(logits: Optional[torch.Tensor], x: Optional[torch.Tensor], router_weight: Optional[torch.Tensor],
+               router_bias: Optional[torch.Tensor], expert_bias: Optional[torch.Tensor], top_k: int, score_func: str,
+               renormalize: bool, scaling: float, num_groups: int, topk_groups: int, dropless: bool):
+    """Route T tokens in one launch (route_kernel) -> (topk_ids [T, k] int64, weights [T, k], scores [T, E],
+    logits [T, E], table [NB, E] int32, counts_all [E] int32, stats [E + 1] int64, kept [T, k] bool), before
+    capacity. kept: all True when `dropless` (capacity then writes its own flags), else an empty placeholder.
+
+    logits [T, E] fp32/fp64 given (training: the router's autograd graph is PyTorch's), or None: then computed in
+    the kernel from x [T, H] and router_weight [E, H] (+ router_bias [E]) in their own dtypes, fp32 accumulation
+    (fp64 when x is fp64); the returned logits are then the kernel's. Otherwise the returned logits are an empty
+    placeholder (an op's output may not alias its input)."""
+    compute = logits is None
+    src = x if compute else logits
+    t = src.shape[0]
+    e = router_weight.shape[0] if compute else logits.shape[1]
+    dev = src.device
+    acc = _acc_dtype(x.dtype) if compute else logits.dtype
+    if compute and router_weight.dtype == torch.float64:
+        acc = torch.float64
+    out_logits = _empty((t, e), acc, dev) if compute else _empty((0,), acc, dev)
     ids = _empty((t, top_k), torch.int64, dev)
-    weights = _empty((t, top_k), logits.dtype, dev)
-    scores = _empty((t, e), logits.dtype, dev)
-    counts = torch.zeros(e, dtype=torch.int32, device=dev)
-    e_pad = _pow2(e)
-    block_t = _kernels().configs.route_block_t(_target(dev), e_pad)
+    weights = _empty((t, top_k), acc, dev)
+    scores = _empty((t, e), acc, dev)
+    e_pad, block_t, nb = _routing_blocks(t, e, dev)
+    table = _empty((nb, e), torch.int32, dev)
+    counts = _empty((e,), torch.int32, dev)
+    stats = _empty((e + 1,), torch.int64, dev)
+    ticket = torch.zeros(1, dtype=torch.int32, device=dev)
+    kept = _empty((t, top_k) if dropless else (0,), torch.bool, dev)
+    aux = _kernels().configs.AUX[_target(dev)]
+    # 16-bit x and router of one dtype: the MMA on them (exact products, fp32 sums). Not under the interpreter,
+    # whose 16-bit dot with an fp32 accumulator returns garbage (as the fused kernel's route task, which does the same).
+    native = compute and x.dtype in (torch.bfloat16, torch.float16) and router_weight.dtype == x.dtype and \
+        _target(dev) != "interpreter"
     # fp32 cannot hold every scaling factor: hi + lo carries it to fp64 layers exactly enough.
     hi = struct.unpack("f", struct.pack("f", scaling))[0]
-    _run(Launch("route", _kernels().route_kernel, (_cdiv(t, block_t),),
-                dict(ids_ptr=ids, weights_ptr=weights, scores_ptr=scores, counts_ptr=counts, logits_ptr=logits,
-                     bias_ptr=expert_bias, T=t, scale_hi=hi, scale_lo=scaling - hi),
+    _run(Launch("route" + ("[logits]" if compute else ""), _kernels().route_kernel, (nb,),
+                dict(ids_ptr=ids, weights_ptr=weights, scores_ptr=scores, table_ptr=table, counts_ptr=counts,
+                     stats_ptr=stats, kept_ptr=kept if dropless else None,
+                     logits_ptr=out_logits if compute else logits, ticket_ptr=ticket,
+                     x_ptr=x if compute else None, router_ptr=router_weight if compute else None,
+                     rbias_ptr=router_bias if compute else None, bias_ptr=expert_bias, T=t,
+                     H=x.shape[1] if compute else 0, NB=nb, scale_hi=hi, scale_lo=scaling - hi),
                 dict(E=e, TOPK=top_k, GROUPS=num_groups, TOPK_GROUPS=topk_groups, SIGMOID=score_func == "sigmoid",
-                     HAS_BIAS=expert_bias is not None, RENORM=renormalize, E_PAD=e_pad, K_PAD=_pow2(top_k),
-                     G_PAD=_pow2(num_groups), BLOCK_T=block_t),
+                     HAS_BIAS=expert_bias is not None, RENORM=renormalize, COMPUTE=compute,
+                     HAS_RBIAS=compute and router_bias is not None, NATIVE_DOT=native, WRITE_KEPT=dropless,
+                     E_PAD=e_pad,
+                     K_PAD=_pow2(top_k), G_PAD=_pow2(num_groups), BLOCK_T=block_t,
+                     BLOCK_K=max(16, aux["route_bk"] * 2 // (x.element_size() if compute else 2)),
+                     CB=aux["scan"]),
                 _kernels().configs.AUX_WARPS))
-    return ids, weights, scores, counts
+    return ids, weights, scores, out_logits, table, counts, stats, kept
 
 
-def count_impl(ids: torch.Tensor, kept: Optional[torch.Tensor], num_experts: int) -> torch.Tensor:
-    """ids [T, k] int64, kept [T, k] bool or None -> assignments per expert [E] int32 (kept ones only)."""
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=ids.device)
-    n = ids.numel()
-    block = _kernels().configs.AUX[_target(ids.device)]["count"]
-    _run(Launch("count", _kernels().count_kernel, (_cdiv(n, block),),
-                dict(counts_ptr=counts, ids_ptr=ids, kept_ptr=kept, N=n),
-                dict(HAS_KEPT=kept is not None, BLOCK=block), _kernels().configs.AUX_WARPS))
-    return counts
-
-
-def _sort(ids, kept, counts, num_experts):
-    n = ids.numel()
+def _scatter(ids, kept, table, counts, num_experts):
+    """(order [T*k] int32, slot_of [T*k] int32) from a scanned table."""
+    t, k = ids.shape
     dev = ids.device
-    order = _empty((n,), torch.int32, dev)
-    slot_of = _empty((n,), torch.int32, dev)
-    block = _kernels().configs.AUX[_target(dev)]["sort"]
-    _run(Launch("sort", _kernels().sort_kernel, (num_experts,),
-                dict(order_ptr=order, slot_ptr=slot_of, ids_ptr=ids, kept_ptr=kept, counts_ptr=counts, N=n,
-                     E=num_experts),
-                dict(HAS_KEPT=kept is not None, E_PAD=_pow2(num_experts), BLOCK=block),
+    e_pad, block_t, nb = _routing_blocks(t, num_experts, dev)
+    order = _empty((t * k,), torch.int32, dev)
+    slot_of = _empty((t * k,), torch.int32, dev)
+    _run(Launch("scatter", _kernels().scatter_kernel, (nb,),
+                dict(order_ptr=order, slot_ptr=slot_of, ids_ptr=ids, kept_ptr=kept, table_ptr=table,
+                     counts_ptr=counts, T=t, E=num_experts),
+                dict(TOPK=k, HAS_KEPT=kept is not None, E_PAD=e_pad, K_PAD=_pow2(k), BLOCK_T=block_t),
                 _kernels().configs.AUX_WARPS))
     return order, slot_of
 
 
-def order_impl(ids: torch.Tensor, weights: torch.Tensor, kept: Optional[torch.Tensor],
-               counts_all: Optional[torch.Tensor], capacity: int, num_experts: int):
-    """Sort assignments by expert -> (order [T*k] int32, counts [E] int32, slot_of [T*k] int32).
+def hist_impl(ids: torch.Tensor, kept: Optional[torch.Tensor], num_experts: int):
+    """ids [T, k] int64, kept [T, k] bool or None (all count) -> (table [NB, E] int32 scanned, counts [E] int32,
+    stats [E + 1] int64: tokens per expert, then the assignments not counted)."""
+    t, k = ids.shape
+    dev = ids.device
+    e_pad, block_t, nb = _routing_blocks(t, num_experts, dev)
+    table = _empty((nb, num_experts), torch.int32, dev)
+    counts = _empty((num_experts,), torch.int32, dev)
+    stats = _empty((num_experts + 1,), torch.int64, dev)
+    ticket = torch.zeros(1, dtype=torch.int32, device=dev)
+    _run(Launch("hist", _kernels().hist_kernel, (nb,),
+                dict(table_ptr=table, counts_ptr=counts, stats_ptr=stats, ticket_ptr=ticket, ids_ptr=ids,
+                     kept_ptr=kept, T=t, NB=nb, E=num_experts),
+                dict(TOPK=k, HAS_KEPT=kept is not None, E_PAD=e_pad, K_PAD=_pow2(k), BLOCK_T=block_t,
+                     CB=_kernels().configs.AUX[_target(dev)]["scan"]),
+                _kernels().configs.AUX_WARPS))
+    return table, counts, stats
 
-    kept given (caller routing): those assignments are sorted. Otherwise counts_all (from routing) gives
-    the dropless order; capacity >= 0 then keeps each expert's `capacity` best (DESIGN §2.4) and re-sorts.
-    """
-    if kept is not None:
-        counts = count_impl(ids, kept, num_experts)
-        order, slot_of = _sort(ids, kept, counts, num_experts)
-        return order, counts, slot_of
-    order, slot_of = _sort(ids, None, counts_all, num_experts)
+
+def given_order_impl(ids: torch.Tensor, kept: torch.Tensor, num_experts: int):
+    """Routing the caller supplied: ids [T, k] int64, kept [T, k] bool -> (order [T*k] int32, slot_of [T*k] int32,
+    counts [E] int32, stats [E + 1] int64). Two launches (hist, scatter)."""
+    table, counts, stats = hist_impl(ids, kept, num_experts)
+    order, slot_of = _scatter(ids, kept, table, counts, num_experts)
+    return order, slot_of, counts, stats
+
+
+def order_impl(ids: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, counts_all: torch.Tensor,
+               capacity: int, num_experts: int):
+    """Sort routed assignments by expert -> (order [T*k] int32, slot_of [T*k] int32, kept [T*k] bool, counts [E]
+    int32, stats [E + 1] int64), from the route kernel's scanned table and counts_all.
+
+    capacity < 0 (dropless): one launch (scatter); kept, counts and stats are then the route kernel's, so empty
+    placeholders come back in their place. capacity >= 0: the dropless order, then each expert's `capacity` best
+    (DESIGN §2.4: capacity_kernel, which also counts the kept into a fresh block table), then their order."""
+    t, k = ids.shape
+    dev = ids.device
+    order, slot_of = _scatter(ids, None, table, counts_all, num_experts)
     if capacity < 0:
-        return order, counts_all.clone(), slot_of
+        return (order, slot_of, _empty((0,), torch.bool, dev), _empty((0,), torch.int32, dev),
+                _empty((0,), torch.int64, dev))
     n = ids.numel()
-    flags = _empty((n,), torch.bool, ids.device)
-    block_r, block_c = _kernels().configs.AUX[_target(ids.device)]["capacity"]
+    e_pad, block_t, nb = _routing_blocks(t, num_experts, dev)
+    flags = _empty((n,), torch.bool, dev)
+    work = torch.zeros(nb * num_experts + 1, dtype=torch.int32, device=dev)  # the kept's block table, a ticket
+    counts = _empty((num_experts,), torch.int32, dev)
+    stats = _empty((num_experts + 1,), torch.int64, dev)
+    aux = _kernels().configs.AUX[_target(dev)]
+    block_r, block_c = aux["capacity"]
+    table_kept = work[:-1].view(nb, num_experts)
     _run(Launch("capacity", _kernels().capacity_kernel, (_cdiv(n, block_r),),
-                dict(kept_ptr=flags, order_ptr=order, ids_ptr=ids, weights_ptr=weights, counts_ptr=counts_all, N=n,
-                     E=num_experts, cap=capacity),
-                dict(E_PAD=_pow2(num_experts), BLOCK_R=block_r, BLOCK_C=block_c), _kernels().configs.AUX_WARPS))
-    # Capacity ranks are a total order, so an expert keeps exactly min(count, capacity) rows.
-    counts = torch.clamp(counts_all, max=capacity)
-    order, slot_of = _sort(ids, flags, counts, num_experts)
-    return order, counts, slot_of
+                dict(kept_ptr=flags, table_ptr=table_kept, counts_out_ptr=counts, stats_ptr=stats,
+                     ticket_ptr=work[-1:], order_ptr=order, ids_ptr=ids, weights_ptr=weights, counts_ptr=counts_all,
+                     N=n, E=num_experts, cap=capacity, NB=nb),
+                dict(TOPK=k, E_PAD=e_pad, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_T=block_t, CB=aux["scan"]),
+                _kernels().configs.AUX_WARPS))
+    kept_ids = flags.view(t, k)
+    order, slot_of = _scatter(ids, kept_ids, table_kept, counts, num_experts)
+    return order, slot_of, flags, counts, stats
 
 
 def _up(x, order, counts, w_up, b_up, h, pre, activation, top_k, rows):
@@ -288,7 +357,7 @@ def _up(x, order, counts, w_up, b_up, h, pre, activation, top_k, rows):
     inner = h.shape[1]
     blocks, warps, stages, tags = _gemm("up", x.dtype, x.device, rows, e)
     _run(Launch(f"up[{activation.split(':')[0]}]", _kernels().up_kernel,
-                (_m_tiles(rows, e, blocks["BLOCK_M"]), _cdiv(inner, blocks["BLOCK_N"])),
+                (_m_tiles(rows, e, blocks["BLOCK_M"]) * _cdiv(inner, blocks["BLOCK_N"]),),
                 dict(h_ptr=h, pre_ptr=pre if pre.numel() else None, x_ptr=x, order_ptr=order, counts_ptr=counts,
                      w_ptr=w_up, b_ptr=b_up, H=hidden, INNER=inner, E=e),
                 dict(TOPK=top_k, GATHER=order is not None, ACT=act, GATED=gated, HAS_BIAS=b_up is not None,
@@ -305,7 +374,7 @@ def _rows_gemm(kind, out, a, b, strides, bias, weights, order, counts, top_k, at
     scale = weights is not None
     name = kind + ("[atomic]" if atomic else "[scaled]" if scale else "")
     _run(Launch(name, _kernels().rows_gemm_kernel,
-                (_m_tiles(rows, e, blocks["BLOCK_M"]), _cdiv(n_dim, blocks["BLOCK_N"])),
+                (_m_tiles(rows, e, blocks["BLOCK_M"]) * _cdiv(n_dim, blocks["BLOCK_N"]),),
                 dict(out_ptr=out, a_ptr=a, b_ptr=b, bias_ptr=bias, weight_ptr=weights, order_ptr=order,
                      counts_ptr=counts, K=k_dim, N=n_dim, E=e, stride_be=strides[0], stride_bk=strides[1],
                      stride_bn=strides[2]),
@@ -324,13 +393,23 @@ def _combine(out, rows, slot_of, addend, top_k):
 
 
 def _weight_grad(name, dw, db, a, b, order, counts, weights, top_k, a_gather, b_gather, rows):
+    """dw [E, M, N] = per expert a[rows]^T @ b[rows]; db [E, N] (or None) = per expert column sums of b, each row
+    times its routing weight when `weights` is given (dW_down: b = the output gradient, a = h * weight).
+
+    Launch order, unless the config fixes GROUP_M: every program of an expert streams all of its rows of one
+    column block of A (M columns) and one of B (N columns), so consecutive programs share a block of the wider
+    operand, read from HBM once, and walk every block of the narrower one, which is re-read from L2: column-major
+    (GROUP_M = row tiles of dW) when B is the wider, row-major (GROUP_M = 1) when A is (dW_down of Mixtral's
+    I = 14336 > H)."""
     e, m, n = dw.shape
-    blocks, warps, stages, tags = _gemm("dw", a.dtype, a.device, rows, e)
-    _run(Launch(name, _kernels().weight_grad_kernel,
-                (_cdiv(m, blocks["BLOCK_M"]) * _cdiv(n, blocks["BLOCK_N"]), e),
+    blocks, warps, stages, tags = _gemm("dw", a.dtype, a.device, rows, e,
+                                        lambda c: _cdiv(m, c.block_m) if n > m else 1)
+    tiles_n = _cdiv(n, blocks["BLOCK_N"])
+    per_expert = _cdiv(m, blocks["BLOCK_M"]) * tiles_n + (tiles_n if db is not None else 0)
+    _run(Launch(name, _kernels().weight_grad_kernel, (e * per_expert,),
                 dict(dw_ptr=dw, db_ptr=db, a_ptr=a, b_ptr=b, order_ptr=order, counts_ptr=counts, weight_ptr=weights,
                      M=m, N=n, E=e),
-                dict(TOPK=top_k, A_GATHER=a_gather, B_GATHER=b_gather, B_SCALE=weights is not None,
+                dict(TOPK=top_k, A_GATHER=a_gather, B_GATHER=b_gather, DB_SCALE=weights is not None,
                      HAS_BIAS=db is not None, E_PAD=_pow2(e), **blocks, **_dot_flags(a.dtype)),
                 warps, stages, tags))
 
@@ -344,7 +423,8 @@ def experts_fwd_impl(x: torch.Tensor, weights: Optional[torch.Tensor], addend: O
     MoE mode (order given): x [T, H] tokens; weights [T, k]; addend [T, H] fp32/fp64 or None (shared expert)
       -> out [T, H] x.dtype = sum_j weight * expert(x_t) + addend.
     Rows mode (order None): x [R, H] rows already grouped by expert (counts [E]) -> out [R, H] = expert(row).
-    Also returns h [R, I] and pre [R, N_up] for the backward (empty unless `save`).
+    Also returns pre [R, N_up] for the backward (empty unless `save`), after an always empty h: the backward
+    recomputes h from pre (act_grad_kernel), so h [R, I] lives only until the down projection has read it.
     """
     moe_mode = order is not None
     t, hidden = x.shape
@@ -367,7 +447,7 @@ def experts_fwd_impl(x: torch.Tensor, weights: Optional[torch.Tensor], addend: O
         acc = addend.clone() if addend is not None else torch.zeros(t, hidden, dtype=_acc_dtype(x.dtype), device=dev)
         _rows_gemm("down", acc, h, w_down, down_strides, b_down, weights, order, counts, top_k, True, rows)
         out = acc.to(x.dtype)
-    return out, (h if save else x.new_empty(0)), pre
+    return out, x.new_empty(0), pre
 
 
 def experts_bwd_impl(grad_out: torch.Tensor, x: torch.Tensor, weights: Optional[torch.Tensor],
@@ -376,11 +456,12 @@ def experts_bwd_impl(grad_out: torch.Tensor, x: torch.Tensor, weights: Optional[
                      b_down: Optional[torch.Tensor], h: torch.Tensor, pre: torch.Tensor, activation: str,
                      top_k: int, deterministic: bool, need_dx: bool, need_dweights: bool, need_dparams: bool):
     """Gradients of experts_fwd_impl's out: (dx, dweights [T, k], dw_up, dw_down, db_up, db_down); tensors
-    not asked for (or without a parameter) come back empty."""
+    not asked for (or without a parameter) come back empty. pre [R, N_up] is the saved pre-activation; h is not
+    read (the act-grad kernel recomputes it from pre), any tensor may be passed."""
     moe_mode = order is not None
     g = grad_out.contiguous()
     t, hidden = x.shape
-    rows, inner = h.shape
+    rows, inner = pre.shape[0], w_down.shape[1]
     e, _, n_up = w_up.shape
     dev = x.device
     act, gated = kernel_activation(activation)
@@ -388,13 +469,15 @@ def experts_bwd_impl(grad_out: torch.Tensor, x: torch.Tensor, weights: Optional[
     blocks, warps, stages, tags = _gemm("dh", x.dtype, dev, rows, e)
     n_tiles = _cdiv(inner, blocks["BLOCK_N"])
     dpre = _empty((rows, n_up), x.dtype, dev)
+    # dW_down's A operand, h * weight by sorted row, written by the act-grad kernel (which recomputes h anyway).
+    hw = _empty((rows, inner), x.dtype, dev) if need_dparams else None
     partial = torch.zeros(t * top_k, n_tiles, dtype=_acc_dtype(x.dtype), device=dev) if dw_rows else None
     _run(Launch(f"dh[{activation.split(':')[0]}]", _kernels().act_grad_kernel,
-                (_m_tiles(rows, e, blocks["BLOCK_M"]), n_tiles),
-                dict(dpre_ptr=dpre, dw_ptr=partial, g_ptr=g, order_ptr=order, counts_ptr=counts,
+                (_m_tiles(rows, e, blocks["BLOCK_M"]) * n_tiles,),
+                dict(dpre_ptr=dpre, hw_ptr=hw, dw_ptr=partial, g_ptr=g, order_ptr=order, counts_ptr=counts,
                      weight_ptr=weights if moe_mode else None, wd_ptr=w_down, pre_ptr=pre, bd_ptr=b_down,
                      H=hidden, INNER=inner, E=e, NT=n_tiles),
-                dict(TOPK=top_k, GATHER=moe_mode, SCALE=moe_mode, DW=dw_rows, ACT=act, GATED=gated,
+                dict(TOPK=top_k, GATHER=moe_mode, SCALE=moe_mode, DW=dw_rows, HW=need_dparams, ACT=act, GATED=gated,
                      HAS_BIAS=b_down is not None, EVEN_K=hidden % blocks["BLOCK_K"] == 0, E_PAD=_pow2(e),
                      **blocks, **_dot_flags(x.dtype)),
                 warps, stages, tags))
@@ -406,7 +489,7 @@ def experts_bwd_impl(grad_out: torch.Tensor, x: torch.Tensor, weights: Optional[
     if need_dparams:
         dw_down = _empty(w_down.shape, w_down.dtype, dev)
         db_down = _empty(b_down.shape, b_down.dtype, dev) if b_down is not None else None
-        _weight_grad("dw[down]", dw_down, db_down, h, g, order, counts, weights if moe_mode else None, top_k,
+        _weight_grad("dw[down]", dw_down, db_down, hw, g, order, counts, weights if moe_mode else None, top_k,
                      False, moe_mode, rows)
         dw_up = _empty(w_up.shape, w_up.dtype, dev)
         db_up = _empty(b_up.shape, b_up.dtype, dev) if b_up is not None else None
@@ -438,41 +521,70 @@ def experts_bwd_impl(grad_out: torch.Tensor, x: torch.Tensor, weights: Optional[
 # ----------------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("flashmoe_triton::route", mutates_args=())
-def _route_op(logits: torch.Tensor, expert_bias: Optional[torch.Tensor], top_k: int, score_func: str,
-              renormalize: bool, scaling: float, num_groups: int,
-              topk_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return route_impl(logits, expert_bias, top_k, score_func, renormalize, scaling, num_groups, topk_groups)
+def _route_op(logits: Optional[torch.Tensor], x: Optional[torch.Tensor], router_weight: Optional[torch.Tensor],
+              router_bias: Optional[torch.Tensor], expert_bias: Optional[torch.Tensor], top_k: int, score_func: str,
+              renormalize: bool, scaling: float, num_groups: int, topk_groups: int,
+              dropless: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                       torch.Tensor, torch.Tensor, torch.Tensor]:
+    return route_impl(logits, x, router_weight, router_bias, expert_bias, top_k, score_func, renormalize, scaling,
+                      num_groups, topk_groups, dropless)
 
 
 @_route_op.register_fake
-def _(logits, expert_bias, top_k, score_func, renormalize, scaling, num_groups, topk_groups):
-    t, e = logits.shape
-    return (logits.new_empty(t, top_k, dtype=torch.int64), logits.new_empty(t, top_k), logits.new_empty(t, e),
-            logits.new_empty(e, dtype=torch.int32))
+def _(logits, x, router_weight, router_bias, expert_bias, top_k, score_func, renormalize, scaling, num_groups,
+      topk_groups, dropless):
+    src = x if logits is None else logits
+    t = src.shape[0]
+    e = router_weight.shape[0] if logits is None else logits.shape[1]
+    acc = _acc_dtype(x.dtype) if logits is None else logits.dtype
+    if logits is None and router_weight.dtype == torch.float64:
+        acc = torch.float64
+    nb = max(1, _cdiv(t, _kernels().configs.route_block_t(_target(src.device), max(16, _pow2(e)))))
+    return (src.new_empty(t, top_k, dtype=torch.int64), src.new_empty(t, top_k, dtype=acc),
+            src.new_empty(t, e, dtype=acc), src.new_empty((t, e) if logits is None else (0,), dtype=acc),
+            src.new_empty(nb, e, dtype=torch.int32), src.new_empty(e, dtype=torch.int32),
+            src.new_empty(e + 1, dtype=torch.int64),
+            src.new_empty((t, top_k) if dropless else (0,), dtype=torch.bool))
 
 
-@torch.library.custom_op("flashmoe_triton::count", mutates_args=())
-def _count_op(ids: torch.Tensor, kept: Optional[torch.Tensor], num_experts: int) -> torch.Tensor:
-    return count_impl(ids, kept, num_experts)
+@torch.library.custom_op("flashmoe_triton::given_order", mutates_args=())
+def _given_order_op(ids: torch.Tensor, kept: torch.Tensor,
+                    num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return given_order_impl(ids, kept, num_experts)
 
 
-@_count_op.register_fake
+@_given_order_op.register_fake
 def _(ids, kept, num_experts):
+    n = ids.numel()
+    return (ids.new_empty(n, dtype=torch.int32), ids.new_empty(n, dtype=torch.int32),
+            ids.new_empty(num_experts, dtype=torch.int32), ids.new_empty(num_experts + 1, dtype=torch.int64))
+
+
+@torch.library.custom_op("flashmoe_triton::counts", mutates_args=())
+def _counts_op(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    return hist_impl(ids, None, num_experts)[1]
+
+
+@_counts_op.register_fake
+def _(ids, num_experts):
     return ids.new_empty(num_experts, dtype=torch.int32)
 
 
 @torch.library.custom_op("flashmoe_triton::order", mutates_args=())
-def _order_op(ids: torch.Tensor, weights: torch.Tensor, kept: Optional[torch.Tensor],
-              counts_all: Optional[torch.Tensor], capacity: int,
-              num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return order_impl(ids, weights, kept, counts_all, capacity, num_experts)
+def _order_op(ids: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, counts_all: torch.Tensor,
+              capacity: int,
+              num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return order_impl(ids, weights, table, counts_all, capacity, num_experts)
 
 
 @_order_op.register_fake
-def _(ids, weights, kept, counts_all, capacity, num_experts):
+def _(ids, weights, table, counts_all, capacity, num_experts):
     n = ids.numel()
-    return (ids.new_empty(n, dtype=torch.int32), ids.new_empty(num_experts, dtype=torch.int32),
-            ids.new_empty(n, dtype=torch.int32))
+    dropless = capacity < 0
+    return (ids.new_empty(n, dtype=torch.int32), ids.new_empty(n, dtype=torch.int32),
+            ids.new_empty(0 if dropless else n, dtype=torch.bool),
+            ids.new_empty(0 if dropless else num_experts, dtype=torch.int32),
+            ids.new_empty(0 if dropless else num_experts + 1, dtype=torch.int64))
 
 
 @torch.library.custom_op("flashmoe_triton::experts_fwd", mutates_args=())
@@ -489,10 +601,8 @@ def _experts_fwd_op(x: torch.Tensor, weights: Optional[torch.Tensor], addend: Op
 def _(x, weights, addend, order, counts, slot_of, w_up, w_down, b_up, b_down, activation, top_k, deterministic, save):
     t, hidden = x.shape
     rows = t * top_k if order is not None else t
-    if not save:
-        return x.new_empty(t if order is not None else rows, hidden), x.new_empty(0), x.new_empty(0)
-    return (x.new_empty(t if order is not None else rows, hidden), x.new_empty(rows, w_down.shape[1]),
-            x.new_empty(rows, w_up.shape[2]))
+    out = x.new_empty(t if order is not None else rows, hidden)
+    return out, x.new_empty(0), x.new_empty(rows, w_up.shape[2]) if save else x.new_empty(0)
 
 
 @torch.library.custom_op("flashmoe_triton::experts_bwd", mutates_args=())
@@ -580,25 +690,34 @@ def moe_forward(x2d: torch.Tensor, params: MoEParams, cfg: MoEConfig,
     x2d = x2d.contiguous()
     counts_all = None
     if routing is None:
-        logits = router_logits(x2d, params.router_weight, params.router_bias)
         bias = params.expert_bias.contiguous() if cfg.expert_bias and params.expert_bias is not None else None
-        ids, w_kernel, s_kernel, counts_all = _route_op(
-            logits.detach().contiguous(), bias, k, cfg.score_func, cfg.renormalize, float(cfg.routed_scaling_factor),
-            cfg.num_expert_groups, cfg.topk_groups)
-        scores, weights = s_kernel, w_kernel
-        if _wants_grad(logits):
+        router_bias = _contig(params.router_bias) if cfg.router_bias else None
+        capacity = cfg.capacity(t)
+        if _wants_grad(x2d, params.router_weight, router_bias):
+            # Training: the router's graph is PyTorch's (logits -> scores -> weights), the kernel routes its values.
+            logits = router_logits(x2d, params.router_weight, router_bias)
+            ids, w_kernel, s_kernel, _, table, counts_all, stats_all, kept = _route_op(
+                logits.detach().contiguous(), None, None, None, bias, k, cfg.score_func, cfg.renormalize,
+                float(cfg.routed_scaling_factor), cfg.num_expert_groups, cfg.topk_groups, capacity is None)
             scores_pt = scores_from_logits(logits, cfg.score_func)
             scores = _value_with_grad_of(s_kernel, scores_pt)
             weights = _value_with_grad_of(w_kernel, weights_from_scores(scores_pt, ids, cfg))
-        capacity = cfg.capacity(t)
-        order, counts, slot_of = _order_op(ids, w_kernel, None, counts_all, -1 if capacity is None else capacity, e)
-        routing = Routing(ids, weights, (slot_of >= 0).view(t, k), logits, scores)
+        else:
+            # Inference: the logits come from the route kernel, from x and the router in their own dtypes.
+            ids, w_kernel, s_kernel, logits, table, counts_all, stats_all, kept = _route_op(
+                None, x2d, params.router_weight.contiguous(), router_bias, bias, k, cfg.score_func, cfg.renormalize,
+                float(cfg.routed_scaling_factor), cfg.num_expert_groups, cfg.topk_groups, capacity is None)
+            scores, weights = s_kernel, w_kernel
+        order, slot_of, kept_cap, counts, stats = _order_op(ids, w_kernel, table, counts_all,
+                                                            -1 if capacity is None else capacity, e)
+        if capacity is None:
+            counts, stats = counts_all, stats_all
+        else:
+            kept = kept_cap
+        routing = Routing(ids, weights, kept.view(t, k), logits, scores)
     else:
         ids = routing.topk_ids.contiguous()
-        order, counts, slot_of = _order_op(ids, routing.topk_weights.detach().contiguous(),
-                                           routing.kept.contiguous(), None, -1, e)
-        if routing.scores is not None:
-            counts_all = _count_op(ids, None, e)
+        order, slot_of, counts, stats = _given_order_op(ids, routing.kept.contiguous(), e)
     weights = routing.topk_weights.contiguous()
     addend = None
     if cfg.num_shared_experts > 0:
@@ -610,10 +729,16 @@ def moe_forward(x2d: torch.Tensor, params: MoEParams, cfg: MoEConfig,
     save = _wants_grad(x2d, weights, addend, w_up, w_down, b_up, b_down)
     out = _ExpertsFunction.apply(x2d, weights, addend, w_up, w_down, b_up, b_down, order, counts, slot_of,
                                  cfg.activation_key, k, cfg.deterministic, save)
-    lb, z = routing_losses(routing, e, counts_all)
-    stats = MoEStats(tokens_per_expert=counts.long(), dropped=t * k - counts.sum(), host_syncs=0)
-    return MoEOutput(out=out, routing=routing, aux_loss=cfg.aux_loss_coef * lb + cfg.z_loss_coef * z, lb_loss=lb,
-                     z_loss=z, stats=stats, backend="triton")
+    def losses():  # on first read (MoEOutput): a dozen small kernels that most calls never need
+        all_counts = counts_all
+        if all_counts is None and routing.scores is not None:
+            all_counts = _counts_op(ids, e)
+        return routing_losses(routing, e, all_counts)
+
+    stats = MoEStats(tokens_per_expert=stats[:e], dropped=stats[e], host_syncs=0)
+    anchor = routing.logits if routing.logits is not None and routing.logits.requires_grad else None
+    return MoEOutput(out=out, routing=routing, stats=stats, backend="triton", losses=losses,
+                     loss_coefs=(cfg.aux_loss_coef, cfg.z_loss_coef), anchor=anchor)
 
 
 def expert_ffn(rows: torch.Tensor, counts: torch.Tensor, params: MoEParams, activation: str) -> torch.Tensor:
@@ -660,13 +785,19 @@ def plan_launches(cfg: MoEConfig, dtype: torch.dtype, num_tokens: int, target: s
                 ids = torch.empty(t, k, dtype=torch.int64, device=meta)
                 weights = torch.empty(t, k, dtype=acc, device=meta)
                 kept = torch.empty(t, k, dtype=torch.bool, device=meta)
-                order, counts, slot_of = order_impl(ids, weights, kept, None, -1, e)
+                order, slot_of, counts, _ = given_order_impl(ids, kept, e)
             else:
-                ids, weights, _, counts_all = route_impl(logits, bias, k, cfg.score_func, cfg.renormalize,
-                                                         cfg.routed_scaling_factor, cfg.num_expert_groups,
-                                                         cfg.topk_groups)
+                # Training routes given logits; inference computes them in the route kernel.
+                router = torch.empty(e, hidden, dtype=dtype, device=meta)
+                router_bias = torch.empty(e, dtype=dtype, device=meta) if cfg.router_bias else None
                 cap = cfg.capacity(t)
-                order, counts, slot_of = order_impl(ids, weights, None, counts_all, -1 if cap is None else cap, e)
+                ids, weights, _, _, table, counts_all, _, _ = route_impl(
+                    logits if backward else None, x, router, router_bias, bias, k, cfg.score_func, cfg.renormalize,
+                    cfg.routed_scaling_factor, cfg.num_expert_groups, cfg.topk_groups, cap is None)
+                order, slot_of, _, counts, _ = order_impl(ids, weights, table, counts_all, -1 if cap is None else cap,
+                                                          e)
+                if cap is None:
+                    counts = counts_all
             addend = torch.empty(t, hidden, dtype=acc, device=meta) if cfg.num_shared_experts else None
             top_k = k
         out, h, pre = experts_fwd_impl(x, weights, addend, order, counts, slot_of, w_up, w_down, b_up, b_down,

@@ -12,14 +12,24 @@ size 1 (the benchmark's shape, inference and training variants, the training one
 expert-parallel launch whose remote writes are NVSHMEM device calls, linked against the NVSHMEM device bitcode
 (kernels/nvshmem.py).
 
-One row per kernel x case x arch x dtype: registers, shared memory, spill bytes, the matrix instructions
-the PTX uses (wgmma = Hopper warpgroup MMA, mma = mma.sync), and whether control flow is uniform (no branch
+One row per kernel x case x arch x dtype: registers, shared memory, spill bytes, CTAs per SM (and the limit that
+binds: regs, smem, threads, blocks; compile_structure.LIMITS), the MMA instruction of the main loop and its width
+(`wgmma n=128`: Hopper warpgroup MMA, m64n128; `mma m16n8k16`: mma.sync), the main loop's pipeline (`cp.async 3 |
+wg 1`: operand copies of 3 iterations in flight, 1 wgmma group left in flight by its wait; `tma N` for TMA copies,
+`sync` for plain loads; compile_structure reads it from the PTX), and whether control flow is uniform (no branch
 depends on a value that can differ between the program's warps: `uniform_control_flow`, DESIGN §6); the
 offending branches follow the table, each with its chain of registers back to the per-thread load or timer
 read. Kernels linked with the NVSHMEM shim also get `thread0_only`: flashmoe_signal_set writes from thread 0
 alone. Exit status 1 when a kernel does not compile, spills, needs more shared memory than the target has
 (sm_90: 227 KiB, sm_80: 163 KiB), a bf16/fp16 GEMM on sm_90 does not use wgmma, a branch depends on a
-per-thread value, or the signal is not one thread's. Tolerates Triton 3.6 through 3.9.
+per-thread value, or the signal is not one thread's. A GEMM whose main loop is not pipelined (fewer than 2 copy
+stages in flight: plain loads, or cp.async.wait_group 0 every iteration) is marked NOT PIPELINED, listed after the
+table, and fails the gate (NOT_PIPELINED_FAILS).
+
+After the tables, an estimate (traffic_model: launch order, resident programs, an LRU model of L2) of the HBM bytes
+each GEMM of the triton backend moves at traffic_model.SHAPES (the benchmark's shape T=16384, decode T=256 of it,
+Mixtral at T=16384; bf16) on H100 and A100, as launched and in row-major and column-major order, beside the bytes of
+reading A and B and writing C once; it never fails the gate. Tolerates Triton 3.6 through 3.9.
 """
 
 import argparse
@@ -33,12 +43,19 @@ import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 
+from .compile_structure import ctas_per_sm, main_loops
+from .compile_structure import summary as structure_summary
+
 # Triton 3.9 warns on every compile that its fp-fusion default will change; the gate compiles with the
 # default the runtime uses, so the warning is only noise here.
 warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
 
 ARCHS = {"sm_90": 90, "sm_80": 80}
 SHARED_LIMIT = {"sm_90": 227 * 1024, "sm_80": 163 * 1024}
+# A GEMM row whose main loop is not pipelined (compile_structure: fewer than 2 copy stages in flight) fails the gate.
+# False would only mark such rows NOT PIPELINED and list them (how the check landed while the weight-gradient loops
+# still waited for every load); there is deliberately no command-line switch.
+NOT_PIPELINED_FAILS = True
 DTYPES = ("fp32", "bf16", "fp16")
 BENCH_SHAPE = dict(hidden_size=2048, ffn_hidden_size=1408, num_experts=64, top_k=6)  # DESIGN §8's target
 # The parameterised activations, with the values of the families that use them (gpt-oss, DeepSeek-V4, Inkling2).
@@ -58,6 +75,7 @@ CASES = (
     ("ep-rows", dict(activation=("geglu", "swiglu_clamped", "swiglu_softcap", "geglu_tanh")), 16384, True, True,
      False),
     ("decode", dict(activation="swiglu"), 16, False, False, True),
+    ("infer", dict(activation="swiglu", router_bias=True, capacity_factor=1.0), 16384, False, False, False),
 )
 # Fused kernel: (case, config overrides, tokens per rank, world size, puts, routing mode, save for backward,
 # dtypes, archs). "compute": router logits in the kernel (inference); "logits": given, pre-activations saved.
@@ -259,6 +277,7 @@ class PtxFunction:
         self.name, self.kind = name, kind
         self.insns: list[PtxInsn] = []
         self.labels: dict[str, int] = {}  # label -> index of the instruction it precedes
+        self.label_sites: list[tuple[str, int]] = []  # every label, also those inline asm blocks repeat
 
 
 def _split_operands(text: str) -> list[str]:
@@ -339,6 +358,7 @@ def parse_ptx(ptx: str) -> list[PtxFunction]:
                             fn = None
                     else:
                         fn.labels[tok[:-1]] = len(fn.insns)
+                        fn.label_sites.append((tok[:-1], len(fn.insns)))
                     pos = lead.end()
                     continue
                 buf_line = lineno
@@ -617,6 +637,7 @@ def _compile(job: dict) -> dict:
     mma = "wgmma" if "wgmma.mma_async" in ptx else "mma" if re.search(r"\bmma\.sync", ptx) else "-"
     res = {"regs": regs, "spills": spills, "shared": compiled.metadata.shared, "mma": mma, "uniform": []}
     try:
+        res.update(structure_summary(main_loops(ptx)))
         res["uniform"] = uniform_control_flow(ptx)
         if "flashmoe_signal_set" in ptx:  # linked with the NVSHMEM shim
             res["signal"] = thread0_only(ptx, "flashmoe_signal_set") or "ok"
@@ -645,31 +666,24 @@ def _report_control_flow(rows, results) -> None:
             print(f"\nthread-0 signal: {row}: {res['signal']}")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compiles")
-    parser.add_argument("--case", action="append", help="only these cases (repeatable; default: all), e.g. fused-ep8")
-    parser.add_argument("--arch", choices=sorted(ARCHS), action="append", help="only these targets (default: both)")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    rows = [(target, *job) for target in args.arch or ARCHS for job in _plan(target)
-            if not args.case or job[0] in args.case]
-    if not rows:
-        parser.error(f"--case: none of {args.case} is a case; cases: "
-                     f"{', '.join(c[0] for c in FUSED_CASES + CASES)}")
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs) as pool:
-            results = list(pool.map(_compile, [r[-1] for r in rows]))
-    else:
-        results = [_compile(r[-1]) for r in rows]
-
+def _rows_table(rows, results) -> tuple[int, list]:
+    """Print the table; (failing rows, the GEMM rows whose main loop is not pipelined)."""
+    for res in results:
+        res.setdefault("mma_shape", "-")
+        res.setdefault("pipeline", "-")
+    for (target, _, _, _, _, job), res in zip(rows, results):
+        if "error" not in res:
+            res["ctas"] = ctas_per_sm(target, res["regs"], job["options"]["num_warps"], res["shared"])
+    mma_w = max([len("mma")] + [len(r["mma_shape"]) for r in results])
+    pipe_w = max([len("main loop")] + [len(r["pipeline"]) for r in results])
     header = f"{'kernel':<26} {'case':<9} {'arch':<6} {'dtype':<5} {'regime':<8} {'config':<20} " \
-             f"{'regs':>4} {'smem KiB':>8} {'spills':>6} {'mma':<6} {'uniform':<7} verdict"
+             f"{'regs':>4} {'smem KiB':>8} {'spills':>6} {'CTA/SM':<7} {'mma':<{mma_w}} {'main loop':<{pipe_w}} " \
+             f"{'uniform':<7} verdict"
     print(header)
     print("-" * len(header))
-    failures = 0
+    failures, unpipelined = 0, []
     for (target, case, dtype, name, tags, job), res in zip(rows, results):
-        problems = []
+        problems, notes = [], []
         if "error" in res:
             problems.append("does not compile: " + res["error"])
         else:
@@ -679,6 +693,9 @@ def main(argv=None) -> int:
                 problems.append(f"shared memory {res['shared']} B > {SHARED_LIMIT[target]} B")
             if target == "sm_90" and dtype in ("bf16", "fp16") and "config" in tags and res["mma"] != "wgmma":
                 problems.append("16-bit GEMM without wgmma")
+            if "config" in tags and res.get("pipelined") is False:
+                unpipelined.append((target, case, dtype, name, res))
+                (problems if NOT_PIPELINED_FAILS else notes).append("NOT PIPELINED")
             if res["uniform"]:
                 problems.append(f"{len(res['uniform'])} branches on per-thread values")
             if res.get("signal", "ok") != "ok":
@@ -687,17 +704,139 @@ def main(argv=None) -> int:
                 problems.append("PTX checks failed: " + res["ptx_check"])
         failures += bool(problems)
         if "error" in res:
-            regs = smem = spills = mma = uniform = "-"
+            regs = smem = spills = ctas = "-"
         else:
-            regs, smem, spills, mma = res["regs"], f"{res['shared'] / 1024:.1f}", res["spills"], res["mma"]
-            uniform = f"{len(res['uniform'])} bad" if res["uniform"] else "-" if "ptx_check" in res else "ok"
+            regs, smem, spills = res["regs"], f"{res['shared'] / 1024:.1f}", res["spills"]
+            ctas = f"{res['ctas'][0]} {res['ctas'][1]}"
+        uniform = "-" if "error" in res or "ptx_check" in res else f"{len(res['uniform'])} bad" if res["uniform"] \
+            else "ok"
+        verdict = "; ".join(problems + notes) if problems else "ok" + "".join(f" ({n})" for n in notes)
         print(f"{name:<26} {case:<9} {target:<6} {dtype:<5} {tags.get('regime', '-'):<8} {tags.get('config', '-'):<20} "
-              f"{regs:>4} {smem:>8} {spills:>6} {mma:<6} {uniform:<7} {'; '.join(problems) or 'ok'}")
+              f"{regs:>4} {smem:>8} {spills:>6} {ctas:<7} {res['mma_shape']:<{mma_w}} {res['pipeline']:<{pipe_w}} "
+              f"{uniform:<7} {verdict}")
+    return failures, unpipelined
+
+
+def _report_pipelining(unpipelined) -> None:
+    """The GEMM rows whose main loop is not pipelined, by kernel, with the reasons (once per kernel and target)."""
+    if not unpipelined:
+        return
+    by_kernel: dict = {}
+    for target, case, dtype, name, res in unpipelined:
+        by_kernel.setdefault(name.split(":")[0], []).append((target, case, dtype, res))
+    state = "failing" if NOT_PIPELINED_FAILS else "not failing while NOT_PIPELINED_FAILS is False"
+    print(f"\nmain loop NOT PIPELINED ({state}): {len(unpipelined)} rows: "
+          + ", ".join(f"{k} x{len(v)}" for k, v in by_kernel.items()))
+    for kernel, found in by_kernel.items():
+        seen = set()
+        for target, case, dtype, res in found:
+            if target in seen:
+                continue
+            seen.add(target)
+            print(f"  {kernel} {case} {target} {dtype}: {res['pipeline']}: " + "; ".join(res.get("why", [])))
+
+
+def _report_traffic(targets, rows, results, jobs: int) -> None:
+    """The HBM traffic estimate (traffic_model) of the triton backend's GEMMs at traffic_model.SHAPES, bf16: CTAs
+    per SM from the compiled row of the same kernel and tile config (the most demanding one; compiled here when
+    the gate's cases did not reach it)."""
+    import torch
+
+    from . import traffic_model as tm
+    from .config import MoEConfig
+    from .triton_backend import plan_launches
+
+    def key(target, job):
+        c = job["constexprs"]
+        return (target, job["kernel"], c.get("BLOCK_M"), c.get("BLOCK_N"), c.get("BLOCK_K"), c.get("GROUP_M"),
+                job["options"]["num_warps"], job["options"]["num_stages"])
+
+    candidates: dict = {}
+    for (target, case, dtype, name, tags, job), res in zip(rows, results):
+        if dtype == "bf16" and "error" not in res:
+            candidates.setdefault(key(target, job), []).append((job, res))
+
+    def closest(target, job):
+        """The compiled row most like `job`: most constexprs equal, then the most registers and shared memory."""
+        found = candidates.get(key(target, job), [])
+        same = [(sum(c["constexprs"].get(k) == v for k, v in job["constexprs"].items()), r["regs"], r["shared"], r)
+                for c, r in found]
+        return max(same, key=lambda s: s[:3])[3] if same else None
+
+    planned = []
+    for target in targets:
+        for shape, fields, tokens, backward in tm.SHAPES:
+            for launch in plan_launches(MoEConfig(**fields), torch.bfloat16, tokens, target, backward):
+                if tm.MODELS.get(launch.kernel.fn.__name__):
+                    job = _job(launch, target)
+                    planned.append((target, shape, launch, job, closest(target, job)))
+    missing = {key(t, j): j for t, _, _, j, r in planned if r is None}
+    if missing:
+        if jobs > 1:
+            with ProcessPoolExecutor(jobs) as pool:
+                done = dict(zip(missing, pool.map(_compile, missing.values())))
+        else:
+            done = {k: _compile(j) for k, j in missing.items()}
+        planned = [(t, s, la, j, r if r is not None else done[key(t, j)]) for t, s, la, j, r in planned]
+    gb = 1e9
+    for target in targets:
+        part, sms, l2 = tm.DEVICES[target]
+        print(f"\nHBM traffic ESTIMATE, {target} ({part}: {sms} SMs, L2 {l2 / 2**20:.0f} MiB), bf16, uniform routing "
+              "(a model, not a measurement: flashmoe_py/traffic_model.py)")
+        print("  GB = 1e9 bytes, x = / once; row-major = GROUP_M 1; column-major = row tiles fastest (the 2-D grids' "
+              "order before grouping); once = read A and B, write C once")
+        print(f"{'shape':<10} {'kernel':<14} {'programs':>8} {'order':<6} {'CTA/SM':>6} {'A once':>7} {'B once':>7} "
+              f"{'C once':>7} {'once':>7} | {'as launched':>13} | {'row-major':>13} | {'column-major':>13}")
+        for t, shape, launch, job, res in planned:
+            if t != target:
+                continue
+            if "error" in res:
+                print(f"{shape:<10} {launch.name:<14} does not compile: {res['error']}")
+                continue
+            ctas = ctas_per_sm(t, res["regs"], job["options"]["num_warps"], res["shared"])[0]
+            try:
+                est = tm.estimate(launch, t, ctas)
+            except ValueError as e:  # the model no longer matches the kernel's grid: say so, do not guess
+                print(f"{shape:<10} {launch.name:<14} no estimate: {e}")
+                continue
+            once = est.once_total
+            order = "-" if est.group_m is None else f"g{est.group_m}"
+
+            def cell(b):
+                return f"{b / gb:6.2f} {b / once:5.2f}x"
+            print(f"{shape:<10} {launch.name:<14} {est.programs:>8} {order:<6} {ctas:>6} {est.once['a'] / gb:7.2f} "
+                  f"{est.once['b'] / gb:7.2f} {est.once['c'] / gb:7.2f} {once / gb:7.2f} | {cell(est.launched)} | "
+                  f"{cell(est.row_major)} | {cell(est.column_major)}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compiles")
+    parser.add_argument("--case", action="append", help="only these cases (repeatable; default: all), e.g. fused-ep8")
+    parser.add_argument("--arch", choices=sorted(ARCHS), action="append", help="only these targets (default: both)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    targets = args.arch or list(ARCHS)
+    rows = [(target, *job) for target in targets for job in _plan(target) if not args.case or job[0] in args.case]
+    if not rows:
+        parser.error(f"--case: none of {args.case} is a case; cases: "
+                     f"{', '.join(c[0] for c in FUSED_CASES + CASES)}")
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            results = list(pool.map(_compile, [r[-1] for r in rows]))
+    else:
+        results = [_compile(r[-1]) for r in rows]
+
+    failures, unpipelined = _rows_table(rows, results)
+    _report_pipelining(unpipelined)
     _report_control_flow(rows, results)
+    compiled_at = time.perf_counter()
+    _report_traffic(targets, rows, results, args.jobs)
     took = time.perf_counter() - start
     import triton
 
-    print(f"\n{len(rows)} compilations with Triton {triton.__version__} in {took:.0f} s, {failures} failing")
+    print(f"\n{len(rows)} compilations with Triton {triton.__version__} in {took:.0f} s (the estimate "
+          f"{time.perf_counter() - compiled_at:.0f} s), {failures} failing")
     return 1 if failures else 0
 
 

@@ -2,10 +2,11 @@
 
 For the GPU's target (sm_90 or sm_80) and bf16, each regime is timed on its shape (prefill: the benchmark
 shape of DESIGN §8, forward + backward; decode: 32 tokens, forward only), one kernel at a time: every
-candidate of `configs.CANDIDATES` replaces that kernel's entry, the layer step is timed (median, CUDA
-events via triton.testing.do_bench) and the fastest entry is kept before the next kernel (coordinate
-descent, starting from the current table). Candidates that do not fit the GPU are skipped. Prints the
-rows to paste into kernels/configs.py; run `make compile-check` afterwards. Takes tens of minutes (every
+tile of `configs.CANDIDATES` (blocks, warps, stages) replaces that kernel's entry with the entry's GROUP_M kept,
+then every launch-order group of `configs.GROUP_M_CANDIDATES` on the fastest tile; the layer step is timed
+(median, CUDA events via triton.testing.do_bench) and the fastest entry is kept before the next kernel
+(coordinate descent, starting from the current table). Candidates that do not fit the GPU are skipped. Prints
+the rows to paste into kernels/configs.py; run `make compile-check` afterwards. Takes tens of minutes (every
 candidate compiles).
 """
 
@@ -36,6 +37,15 @@ def _step(layer, x, backward):
     return run
 
 
+def _time(entry, cand, run, testing):
+    """Median step time (ms) with `cand` as the kernel's bf16 entry, or None when it does not compile or launch."""
+    entry[2] = tuple(cand)
+    try:
+        return testing.do_bench(run, return_mode="median")
+    except Exception:  # out of shared memory or registers on this part: not a candidate
+        return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--regimes", nargs="*", default=list(REGIMES))
@@ -56,18 +66,25 @@ def main(argv=None) -> int:
         run = _step(layer, x, backward)
         for kernel in kernels:
             entry = configs.GEMM[(target, regime, kernel)]
-            best, best_ms = entry[2], triton.testing.do_bench(run, return_mode="median")
-            for cand in configs.CANDIDATES[target]:
-                entry[2] = cand
-                try:
-                    ms = triton.testing.do_bench(run, return_mode="median")
-                except Exception as e:  # out of shared memory or registers on this part: not a candidate
-                    print(f"#   {kernel} {cand}: skipped ({type(e).__name__})")
-                    continue
-                if ms < best_ms:
-                    best, best_ms = cand, ms
-            entry[2] = best
-            print(f'    ("{target}", "{regime}", "{kernel}"): {{2: {best}, 4: {entry[4]}}},  # {best_ms:.3f} ms step')
+            best = configs.GemmConfig(*entry[2])
+            best_ms = _time(entry, best, run, triton.testing) or float("inf")
+            for group_phase in (False, True):  # tiles with the entry's GROUP_M, then GROUP_M on the best tile
+                if group_phase:
+                    groups = configs.GROUP_M_CANDIDATES + ((0,) if kernel == "dw" else ())
+                    cands = [best._replace(group_m=g) for g in groups]
+                else:
+                    cands = [c._replace(group_m=best.group_m) for c in configs.CANDIDATES[target]]
+                for cand in cands:
+                    if cand == best:
+                        continue
+                    ms = _time(entry, cand, run, triton.testing)
+                    if ms is None:
+                        print(f"#   {kernel} {tuple(cand)}: skipped (does not fit)")
+                    elif ms < best_ms:
+                        best, best_ms = cand, ms
+            entry[2] = tuple(best)
+            print(f'    ("{target}", "{regime}", "{kernel}"): {{2: {tuple(best)}, 4: {entry[4]}}},  '
+                  f'# {best_ms:.3f} ms step')
     return 0
 
 

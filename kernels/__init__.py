@@ -4,7 +4,7 @@ Only `flashmoe_py.triton_backend` imports this package; it launches the kernels 
 Whether the kernels run compiled or in Triton's CPU interpreter is fixed when this package is first
 imported (Triton reads TRITON_INTERPRET when `@triton.jit` decorates a function).
 
-  routing.py   route_kernel, count_kernel, sort_kernel, capacity_kernel
+  routing.py   route_kernel, hist_kernel, scatter_kernel, capacity_kernel
   experts.py   up_kernel, rows_gemm_kernel, act_grad_kernel, weight_grad_kernel
   combine.py   combine_kernel
   common.py    helpers called from the kernels (tile lookup, activations, the dot)
@@ -17,7 +17,7 @@ imported (Triton reads TRITON_INTERPRET when `@triton.jit` decorates a function)
 from . import configs
 from .combine import combine_kernel
 from .experts import act_grad_kernel, rows_gemm_kernel, up_kernel, weight_grad_kernel
-from .routing import capacity_kernel, count_kernel, route_kernel, sort_kernel
+from .routing import capacity_kernel, hist_kernel, route_kernel, scatter_kernel
 
-__all__ = ["act_grad_kernel", "capacity_kernel", "combine_kernel", "configs", "count_kernel", "route_kernel",
-           "rows_gemm_kernel", "sort_kernel", "up_kernel", "weight_grad_kernel"]
+__all__ = ["act_grad_kernel", "capacity_kernel", "combine_kernel", "configs", "hist_kernel", "route_kernel",
+           "rows_gemm_kernel", "scatter_kernel", "up_kernel", "weight_grad_kernel"]

@@ -12,9 +12,14 @@ Regimes
                tiles and deep reductions, so many programs stream the expert weights at once.
   prefill      prefill and training: large tiles for tensor-core throughput.
 
-GEMM entries are (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), keyed by the element size of the
-operands (2: bf16/fp16, 4: fp32 through tf32 or fp32 FMA, 8: fp64). Kernels:
-  up   grouped up projection (gated: two accumulators of BLOCK_N columns each)
+GEMM entries are (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, GROUP_M]), keyed by the element size of
+the operands (2: bf16/fp16, 4: fp32 through tf32 or fp32 FMA, 8: fp64); `gemm_config` returns them as a
+GemmConfig, GROUP_M defaulting to 8. GROUP_M is the launch order (experts.grouped_tile): programs with
+consecutive ids cover GROUP_M row tiles x every column tile, so A and B tiles are re-read from L2 rather than
+HBM; 1 is row-major order (every column tile of one row tile, then the next). dW programs stream whole
+expert row ranges of both operands, so there the order that matters is which operand's blocks consecutive
+programs share: GROUP_M 0 (its rows' default) shares the wider one's (triton_backend._weight_grad). Kernels:
+  up   grouped up projection (gated: BLOCK_N gate and BLOCK_N up columns in one dot of 2 * BLOCK_N)
   down grouped down projection          dx  input gradient (same kernel, transposed weights)
   dh   gradient through down projection + activation       dw  weight gradients (BLOCK_K = rows)
 
@@ -24,41 +29,66 @@ baseline, and prints replacement rows for this file; `make compile-check` then c
 without spills and within shared memory for both targets.
 """
 
+from typing import NamedTuple
+
 DECODE_ROWS_PER_EXPERT = 16
+
+
+class GemmConfig(NamedTuple):
+    """One GEMM launch's blocks, warps, pipeline stages and launch-order group (see the module docstring)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8  # 0 ("dw" only): chosen per launch from the operand widths (triton_backend._weight_grad)
+
 
 GEMM = {
     # ---- Hopper ----
-    ("sm_90", "prefill", "up"): {2: (128, 64, 64, 8, 4), 4: (128, 64, 32, 8, 3)},
-    ("sm_90", "prefill", "down"): {2: (128, 128, 64, 8, 3), 4: (128, 64, 32, 8, 3)},
-    ("sm_90", "prefill", "dx"): {2: (128, 128, 64, 8, 3), 4: (128, 64, 32, 8, 3)},
-    ("sm_90", "prefill", "dh"): {2: (128, 64, 64, 8, 3), 4: (128, 64, 32, 8, 3)},
-    ("sm_90", "prefill", "dw"): {2: (128, 128, 64, 8, 3), 4: (128, 64, 32, 8, 3)},
+    # 16-bit prefill (not timed on a GPU yet; `make compile-check` numbers in docs/DECISIONS.md, "GEMM launch
+    # order, tiles and pipelining"): one wgmma of n = 256 per k-step everywhere but dh (n = 128: its epilogue
+    # recomputes the activation and its derivatives), 4 stages (192 KiB of 227 at 128 x 256 x 64).
+    # GROUP_M 16: the traffic model's pick for Mixtral's shape (up, dh: 1.4x, 1.2x the bytes of one pass over A, B
+    # and C, against 2.3x, 1.6x at 8), equal to 8 for DESIGN §8's.
+    ("sm_90", "prefill", "up"): {2: (128, 128, 64, 8, 4, 16), 4: (128, 64, 32, 8, 3)},
+    ("sm_90", "prefill", "down"): {2: (128, 256, 64, 8, 4, 16), 4: (128, 64, 32, 8, 3)},
+    ("sm_90", "prefill", "dx"): {2: (128, 256, 64, 8, 4, 16), 4: (128, 64, 32, 8, 3)},
+    ("sm_90", "prefill", "dh"): {2: (128, 128, 64, 8, 4, 16), 4: (128, 64, 32, 8, 3)},
+    ("sm_90", "prefill", "dw"): {2: (128, 256, 64, 8, 4, 0), 4: (128, 64, 32, 8, 3, 0)},
     ("sm_90", "decode", "up"): {2: (64, 64, 128, 4, 3), 4: (64, 32, 64, 4, 3)},
     ("sm_90", "decode", "down"): {2: (64, 64, 128, 4, 4), 4: (64, 64, 64, 4, 3)},
     ("sm_90", "decode", "dx"): {2: (64, 64, 128, 4, 4), 4: (64, 64, 64, 4, 3)},
     ("sm_90", "decode", "dh"): {2: (64, 64, 128, 4, 3), 4: (64, 32, 64, 4, 3)},
-    ("sm_90", "decode", "dw"): {2: (64, 64, 64, 4, 3), 4: (64, 64, 32, 4, 3)},
+    ("sm_90", "decode", "dw"): {2: (64, 64, 64, 4, 3, 0), 4: (64, 64, 32, 4, 3, 0)},
     # ---- Ampere / Ada ----
-    ("sm_80", "prefill", "up"): {2: (128, 64, 32, 8, 4), 4: (64, 64, 32, 4, 3)},
-    ("sm_80", "prefill", "down"): {2: (128, 64, 32, 4, 4), 4: (64, 64, 32, 4, 3)},
-    ("sm_80", "prefill", "dx"): {2: (128, 64, 32, 4, 4), 4: (64, 64, 32, 4, 3)},
-    ("sm_80", "prefill", "dh"): {2: (128, 64, 32, 8, 4), 4: (64, 64, 32, 8, 3)},
-    ("sm_80", "prefill", "dw"): {2: (128, 128, 32, 8, 3), 4: (64, 64, 32, 4, 3)},
+    # 16-bit prefill: 128 x 128 tiles (at 128 x 256 the atomic combine's epilogue spilled 412 B, Triton 3.9), 4 stages;
+    # up 64 inner columns, one dot of 128 (at 128 its epilogue took all 255 registers, Triton 3.6).
+    ("sm_80", "prefill", "up"): {2: (128, 64, 32, 8, 4, 8), 4: (64, 64, 32, 4, 3)},
+    ("sm_80", "prefill", "down"): {2: (128, 128, 32, 8, 4, 8), 4: (64, 64, 32, 4, 3)},
+    ("sm_80", "prefill", "dx"): {2: (128, 128, 32, 8, 4, 8), 4: (64, 64, 32, 4, 3)},
+    ("sm_80", "prefill", "dh"): {2: (128, 128, 32, 8, 4, 8), 4: (64, 64, 32, 8, 3)},
+    ("sm_80", "prefill", "dw"): {2: (128, 128, 32, 8, 4, 0), 4: (64, 64, 32, 4, 3, 0)},
     ("sm_80", "decode", "up"): {2: (16, 64, 128, 4, 3), 4: (16, 64, 64, 4, 3)},
     ("sm_80", "decode", "down"): {2: (16, 64, 128, 4, 3), 4: (16, 64, 64, 4, 3)},
     ("sm_80", "decode", "dx"): {2: (16, 64, 128, 4, 3), 4: (16, 64, 64, 4, 3)},
     ("sm_80", "decode", "dh"): {2: (16, 64, 128, 4, 3), 4: (16, 64, 64, 4, 3)},
-    ("sm_80", "decode", "dw"): {2: (64, 64, 64, 4, 3), 4: (64, 64, 32, 4, 3)},
+    ("sm_80", "decode", "dw"): {2: (64, 64, 64, 4, 3, 0), 4: (64, 64, 32, 4, 3, 0)},
 }
 # fp64 (tests and fp64 layers): modest tiles on every target, mma.sync's f64 shape.
 GEMM_FP64 = (32, 32, 16, 4, 2)
-GEMM_INTERPRETER = (16, 16, 16, 1, 1)
+# GROUP_M 3 under the interpreter: small test shapes then end in a partial group of row tiles.
+GEMM_INTERPRETER = (16, 16, 16, 1, 1, 3)
 
-# The other kernels: block sizes by target. route's BLOCK_T shrinks as E grows (see `route_block_t`).
+# The other kernels: block sizes by target. The routing kernels share one BLOCK_T per call (route_block_t: it shrinks
+# as E grows); "route_bk" is the router dot's BLOCK_K for 16-bit x when the route kernel computes the logits (fp32
+# halves it: at 64, sm_80 spilled 20 B), "scan" the blocks of the block table the last program scans per step,
+# "capacity" (BLOCK_R, BLOCK_C) the capacity kernel's ranking tile.
 AUX = {
-    "sm_90": {"sort": 1024, "count": 1024, "capacity": (64, 64), "combine": (16, 128), "route_elems": 2048},
-    "sm_80": {"sort": 1024, "count": 1024, "capacity": (64, 64), "combine": (16, 128), "route_elems": 1024},
-    "interpreter": {"sort": 32, "count": 32, "capacity": (16, 16), "combine": (16, 16), "route_elems": 128},
+    "sm_90": {"capacity": (64, 64), "combine": (16, 128), "route_elems": 2048, "route_bk": 64, "scan": 32},
+    "sm_80": {"capacity": (64, 64), "combine": (16, 128), "route_elems": 1024, "route_bk": 64, "scan": 32},
+    "interpreter": {"capacity": (16, 16), "combine": (16, 16), "route_elems": 128, "route_bk": 16, "scan": 2},
 }
 AUX_WARPS = 4
 
@@ -128,13 +158,24 @@ def fused_block_t(target: str, e_pad: int) -> int:
     return max(FUSED_MIN_BT, min(64, FUSED_AUX[target]["route_elems"] // e_pad))
 
 
-# Candidates the tuner tries for each GEMM kernel on each target (16-bit operands; fp32 halves BLOCK_K).
+# Candidates the tuner tries for each GEMM kernel on each target (16-bit operands): tiles (GROUP_M kept), then
+# GROUP_M_CANDIDATES on the best tile. Only tiles whose pipeline buffers, stages x (BLOCK_M + BLOCK_N) x BLOCK_K
+# 16-bit elements, fit the target's shared memory (the gated up GEMM's B tile is twice as wide: the tuner skips
+# what does not compile); on sm_90 only wgmma shapes (a warpgroup of 4 warps per 64 rows).
+SHARED_BYTES = {"sm_90": 227 * 1024, "sm_80": 163 * 1024}
+
+
+def _tiles(target, block_m, block_n, block_k, warps, stages, wgmma):
+    return [GemmConfig(bm, bn, bk, w, s) for bm in block_m for bn in block_n for bk in block_k for w in warps
+            for s in stages
+            if s * (bm + bn) * bk * 2 <= SHARED_BYTES[target] and (not wgmma or (bm % 64 == 0 and bm // 64 >= w // 4))]
+
+
 CANDIDATES = {
-    "sm_90": [(bm, bn, bk, w, s) for bm in (64, 128) for bn in (64, 128) for bk in (64, 128)
-              for w in (4, 8) for s in (3, 4)],
-    "sm_80": [(bm, bn, bk, w, s) for bm in (16, 64, 128) for bn in (64, 128) for bk in (32, 64)
-              for w in (4, 8) for s in (3, 4)],
+    "sm_90": _tiles("sm_90", (64, 128), (64, 128, 256), (64, 128), (4, 8), (3, 4, 5), wgmma=True),
+    "sm_80": _tiles("sm_80", (16, 64, 128), (64, 128, 256), (32, 64), (4, 8), (3, 4, 5), wgmma=False),
 }
+GROUP_M_CANDIDATES = (1, 8, 16, 32)  # and 0 for dw
 
 
 def regime(rows: int, num_experts: int) -> str:
@@ -142,15 +183,16 @@ def regime(rows: int, num_experts: int) -> str:
     return "decode" if rows < DECODE_ROWS_PER_EXPERT * num_experts else "prefill"
 
 
-def gemm_config(target: str, regime_name: str, kernel: str, itemsize: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for one GEMM launch."""
+def gemm_config(target: str, regime_name: str, kernel: str, itemsize: int) -> GemmConfig:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, GROUP_M) for one GEMM launch."""
     if target == "interpreter":
-        return GEMM_INTERPRETER
+        return GemmConfig(*GEMM_INTERPRETER)
     if itemsize == 8:
-        return GEMM_FP64
-    return GEMM[(target, regime_name, kernel)][itemsize]
+        return GemmConfig(*GEMM_FP64)
+    return GemmConfig(*GEMM[(target, regime_name, kernel)][itemsize])
 
 
 def route_block_t(target: str, e_pad: int) -> int:
-    """Tokens per routing program: about AUX[target]['route_elems'] scores per program, at least one."""
-    return max(1, min(64, AUX[target]["route_elems"] // e_pad))
+    """Tokens per routing program: about AUX[target]['route_elems'] scores per program, between 16 (the router
+    dot's smallest M) and 64."""
+    return max(16, min(64, AUX[target]["route_elems"] // e_pad))

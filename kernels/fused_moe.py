@@ -51,7 +51,7 @@ import triton.language as tl
 from . import nvshmem
 from .common import expert_act
 from .experts import gemm_tile, row_offset, up_tile
-from .routing import select_topk
+from .routing import router_logits_tile, scan_block_table, select_topk, slot_of_tile, token_hits
 
 # PHASE values (the host uses PHASES)
 PHASES = {"all": 0, "route": 1, "dispatch": 2, "gemm0": 3, "gemm1": 4, "combine": 5}
@@ -308,27 +308,13 @@ def _route_task(b, x_ptr, router_ptr, ebias_ptr, logits_ptr, ids_ptr, wts_ptr, s
     kx = tl.arange(0, K_PAD)
     k_mask = row_ok[:, None] & (kx < TOPK)[None, :]
     if ROUTING == "given":
-        ids = tl.load(ids_ptr + rows[:, None] * TOPK + kx[None, :], mask=k_mask, other=E)
-        hits = tl.zeros((BT, E_PAD), tl.int32)
-        for j in tl.static_range(TOPK):
-            e_j = tl.sum(tl.where((kx == j)[None, :], ids, 0), 1)
-            hits += (ex[None, :] == e_j[:, None]).to(tl.int32)
+        ids = tl.load(ids_ptr + rows[:, None] * TOPK + kx[None, :], mask=k_mask, other=E).to(tl.int32)
+        hits = token_hits(ids, k_mask.to(tl.int32), TOPK, E_PAD, K_PAD, BT)
     else:
         mask = row_ok[:, None] & ex_ok[None, :]
         if ROUTING == "compute":
-            acc_ty = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
-            logits = tl.zeros((BT, E_PAD), acc_ty)
-            kk0 = tl.arange(0, BK)
-            for k0 in range(0, H, BK):
-                kk = k0 + kk0
-                kk_ok = kk < H
-                a = tl.load(x_ptr + rows[:, None] * H + kk[None, :], mask=row_ok[:, None] & kk_ok[None, :], other=0.0)
-                w = tl.load(router_ptr + ex[None, :].to(tl.int64) * H + kk[:, None],
-                            mask=kk_ok[:, None] & ex_ok[None, :], other=0.0)
-                if NATIVE_DOT:  # 16-bit x and router of one dtype: exact products, fp32 sums
-                    logits = tl.dot(a, w, logits, out_dtype=logits.dtype)
-                else:
-                    logits = tl.dot(a.to(acc_ty), w.to(acc_ty), logits, input_precision="ieee", out_dtype=logits.dtype)
+            logits = router_logits_tile(x_ptr, router_ptr, x_ptr, rows, row_ok, H, E, False, NATIVE_DOT, E_PAD, BT,
+                                        BK)
             tl.store(logits_ptr + rows[:, None] * E + ex[None, :], logits, mask=mask)
         else:
             logits = tl.load(logits_ptr + rows[:, None] * E + ex[None, :], mask=mask, other=float("-inf"))
@@ -360,19 +346,10 @@ def _finish_routing(half, table_ptr, part_ptr, counts_ptr, gstart_ptr, stats_ptr
     row of each expert); stats and losses; signal every empty packet; then raise the `routed` flag.
     CAPACITY: counts are min(assignments, cap) and gstart their offsets; the dropless counts and offsets (what
     the order tasks sort by) go to counts_ptr + 2E and + 3E."""
-    tl.debug_barrier()  # the acquiring arrival was one thread's: order every thread's reads after it
     ex = tl.arange(0, E_PAD)
     ex_ok = ex < E
     cb = tl.arange(0, CB)
-    running = tl.zeros((E_PAD,), tl.int32)
-    for c0 in range(0, NB, CB):
-        blk = c0 + cb
-        m = (blk < NB)[:, None] & ex_ok[None, :]
-        ptrs = table_ptr + blk.to(tl.int64)[:, None] * E + ex[None, :]
-        tile = tl.load(ptrs, mask=m, other=0)
-        tl.store(ptrs, tl.cumsum(tile, 0) - tile + running[None, :], mask=m)
-        running += tl.sum(tile, 0)
-    counts_all = running
+    counts_all = scan_block_table(table_ptr, NB, E, E_PAD, CB)  # starts with the barrier the arrival needs
     if CAPACITY:
         tl.store(counts_ptr + 2 * E + ex, counts_all, mask=ex_ok)
         tl.store(counts_ptr + 3 * E + ex, tl.cumsum(counts_all, 0) - counts_all, mask=ex_ok)
@@ -447,12 +424,9 @@ def _dispatch_task(b, x_ptr, ids_ptr, order_ptr, slot_ptr, table_ptr, counts_ptr
     ex = tl.arange(0, E_PAD)
     ex_ok = ex < E
     kx = tl.arange(0, K_PAD)
-    ids = tl.load(ids_ptr + rows[:, None] * TOPK + kx[None, :], mask=row_ok[:, None] & (kx < TOPK)[None, :],
-                  other=E).to(tl.int32)
-    hits = tl.zeros((BT, E_PAD), tl.int32)
-    for j in tl.static_range(TOPK):
-        e_j = tl.sum(tl.where((kx == j)[None, :], ids, 0), 1)
-        hits += ((ex[None, :] == e_j[:, None]) & row_ok[:, None]).to(tl.int32)
+    in_range = row_ok[:, None] & (kx < TOPK)[None, :]
+    ids = tl.load(ids_ptr + rows[:, None] * TOPK + kx[None, :], mask=in_range, other=E).to(tl.int32)
+    hits = token_hits(ids, in_range.to(tl.int32), TOPK, E_PAD, K_PAD, BT)
     before = tl.cumsum(hits, 0) - hits  # assignments of each expert in earlier tokens of the block
     first = tl.load(gstart_ptr + ex, mask=ex_ok, other=0) + \
         tl.load(table_ptr + b.to(tl.int64) * E + ex, mask=ex_ok, other=0)  # first sorted row of block b per expert
@@ -460,7 +434,7 @@ def _dispatch_task(b, x_ptr, ids_ptr, order_ptr, slot_ptr, table_ptr, counts_ptr
     c = tl.arange(0, BH)
     stage = heap_rows + slab_start(data0, me, slab_elems)
     for j in tl.static_range(TOPK):
-        e_j = tl.sum(tl.where((kx == j)[None, :], ids, 0), 1)
+        e_j = slot_of_tile(ids, j, K_PAD)
         sel = ex[None, :] == e_j[:, None]
         pos = tl.sum(tl.where(sel, before + own + first[None, :], 0), 1)
         own += sel.to(tl.int32)

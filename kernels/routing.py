@@ -1,45 +1,157 @@
-"""Routing kernels (DESIGN §2.1-4): scores and top-k selection, expert counts, sort by expert, capacity.
+"""Routing kernels (DESIGN §2.1-4): scores and top-k selection, the sort by expert, capacity.
+
+The sort is a counting sort over blocks of BT tokens (every launch of one call uses the same BT), in three steps
+that no program waits on: each block counts its assignments per expert into a block table [NB, E]; the last
+program to finish (a ticket counter) scans the table into per-block offsets, the counts and the stats; then each
+block places its assignments at (first row of the expert) + (offset of the block) + (rank within the block), in
+token order within an expert, as a stable sort gives. The fused kernel's route and dispatch tasks run the same
+helpers.
 
 Pipeline on the device, no host read in between:
-  select_topk      the routing math of a block of tokens (a helper, also called by the fused kernel)
-  route_kernel     logits -> scores, topk ids/weights, per-expert counts (before capacity)
-  sort_kernel      ids (+ kept flags) and counts -> order (flat assignment of each sorted row), slot_of
-  capacity_kernel  order before capacity -> kept flags (the C best assignments of every expert)
-  count_kernel     ids (+ kept flags) -> per-expert counts, for routing the caller supplied
+  route_kernel     logits (given, or x @ router^T computed here) -> scores, topk ids/weights (kept flags when
+                   dropless); block table, then (last program) counts and stats before capacity
+  hist_kernel      ids (+ kept flags) of routing the caller supplied -> block table, counts, stats
+  scatter_kernel   ids (+ kept flags), block table, counts -> order (flat assignment of each sorted row), slot_of
+  capacity_kernel  order before capacity -> kept flags (the C best assignments of every expert) and the block
+                   table, counts and stats of the kept ones
+Helpers (also called by the fused kernel): select_topk, router_logits_tile, token_hits, slot_of_tile,
+scan_block_table, finish_counts, last_to_finish.
 Assignment i = t * TOPK + j is token t's j-th choice.
 """
 
 import triton
 import triton.language as tl
 
-from .common import expert_rows
+
+@triton.jit
+def router_logits_tile(x_ptr, router_ptr, rbias_ptr, rows, row_ok, H, E: tl.constexpr, HAS_RBIAS: tl.constexpr,
+                       NATIVE_DOT: tl.constexpr, E_PAD: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """logits [BT, E_PAD] = x[rows] @ router^T (+ router bias), fp32 (fp64 when x is fp64); columns >= E are 0.
+
+    x [T, H] and router [E, H] in their own dtypes; rbias [E] any float dtype. NATIVE_DOT: x and the router are
+    16-bit of one dtype, so the MMA's products are exact and its fp32 sums are what an fp32 GEMM of the
+    upcast operands computes (in another order); otherwise both are upcast and multiplied in IEEE fp32/fp64.
+    BT >= 16 (tl.dot's smallest M)."""
+    acc_ty = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    ex = tl.arange(0, E_PAD)
+    ex_ok = ex < E
+    logits = tl.zeros((BT, E_PAD), acc_ty)
+    kk0 = tl.arange(0, BK)
+    for k0 in range(0, H, BK):
+        kk = k0 + kk0
+        kk_ok = kk < H
+        a = tl.load(x_ptr + rows[:, None] * H + kk[None, :], mask=row_ok[:, None] & kk_ok[None, :], other=0.0)
+        w = tl.load(router_ptr + ex[None, :].to(tl.int64) * H + kk[:, None], mask=kk_ok[:, None] & ex_ok[None, :],
+                    other=0.0)
+        if NATIVE_DOT:
+            logits = tl.dot(a, w, logits, out_dtype=logits.dtype)
+        else:
+            logits = tl.dot(a.to(acc_ty), w.to(acc_ty), logits, input_precision="ieee", out_dtype=logits.dtype)
+    if HAS_RBIAS:
+        logits += tl.load(rbias_ptr + ex, mask=ex_ok, other=0.0).to(acc_ty)[None, :]
+    return logits
+
+
+@triton.jit
+def slot_of_tile(tile, j, K_PAD: tl.constexpr):
+    """Column j of a [BT, K_PAD] tile (ids or 0/1 flags), as a [BT] vector."""
+    return tl.sum(tl.where((tl.arange(0, K_PAD) == j)[None, :], tile, 0), 1)
+
+
+@triton.jit
+def token_hits(ids, ok, TOPK: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr, BT: tl.constexpr):
+    """ids [BT, K_PAD] int32 expert ids, ok [BT, K_PAD] int32 0/1 (the assignments that count) -> hits [BT, E_PAD]
+    int32: how many of each token's counted assignments go to each expert (a token may repeat an expert in routing
+    the caller supplied)."""
+    ex = tl.arange(0, E_PAD)
+    hits = tl.zeros((BT, E_PAD), tl.int32)
+    for j in tl.static_range(TOPK):
+        e_j = slot_of_tile(ids, j, K_PAD)
+        ok_j = slot_of_tile(ok, j, K_PAD) != 0
+        hits += ((ex[None, :] == e_j[:, None]) & ok_j[:, None]).to(tl.int32)
+    return hits
+
+
+@triton.jit
+def last_to_finish(ticket_ptr, n):
+    """Whether this program is the last of `n` to arrive at the ticket word (int32, zero before the launch). Every
+    write the program made before is visible to the one that gets True: the barrier orders all its threads' writes
+    before the arrival, an acq_rel atomic (one thread's; its result is every thread's, so the branch on it is
+    uniform)."""
+    tl.debug_barrier()
+    return tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == n - 1
+
+
+@triton.jit
+def scan_block_table(table_ptr, NB, E, E_PAD: tl.constexpr, CB: tl.constexpr):
+    """In place, table [NB, E] int32 of per-block counts -> exclusive per-block offsets within each expert (the
+    rows of expert e that earlier blocks hold); returns the column sums [E_PAD] int32 (0 past E). Starts with a
+    barrier: the caller's arrival was one thread's acquire."""
+    tl.debug_barrier()
+    ex = tl.arange(0, E_PAD)
+    ex_ok = ex < E
+    cb = tl.arange(0, CB)
+    running = tl.zeros((E_PAD,), tl.int32)
+    for c0 in range(0, NB, CB):
+        blk = c0 + cb
+        m = (blk < NB)[:, None] & ex_ok[None, :]
+        ptrs = table_ptr + blk.to(tl.int64)[:, None] * E + ex[None, :]
+        tile = tl.load(ptrs, mask=m, other=0)
+        tl.store(ptrs, tl.cumsum(tile, 0) - tile + running[None, :], mask=m)
+        running += tl.sum(tile, 0)
+    return running
+
+
+@triton.jit
+def finish_counts(table_ptr, counts_ptr, stats_ptr, NB, E, total, E_PAD: tl.constexpr, CB: tl.constexpr):
+    """The last program's step: scan the block table (scan_block_table), then counts [E] int32 and stats [E + 1]
+    int64 (tokens per expert, then `total` - their sum: the dropped assignments)."""
+    counts = scan_block_table(table_ptr, NB, E, E_PAD, CB)
+    ex = tl.arange(0, E_PAD)
+    tl.store(counts_ptr + ex, counts, mask=ex < E)
+    tl.store(stats_ptr + ex, counts.to(tl.int64), mask=ex < E)
+    tl.store(stats_ptr + E, total.to(tl.int64) - tl.sum(counts, 0).to(tl.int64))
 
 
 @triton.jit
 def route_kernel(
-    ids_ptr, weights_ptr, scores_ptr, counts_ptr,  # outputs: [T, TOPK] int64, [T, TOPK], [T, E], [E] int32 (+=)
-    logits_ptr, bias_ptr,  # inputs: [T, E] fp32/fp64 router logits, [E] fp32 selection bias (or None)
-    T, scale_hi, scale_lo,
+    ids_ptr, weights_ptr, scores_ptr, table_ptr, counts_ptr, stats_ptr,  # outputs (see below)
+    kept_ptr,  # [T, TOPK] bool output, all True (WRITE_KEPT: dropless, where nothing else writes the flags)
+    logits_ptr,  # [T, E] fp32/fp64 router logits: input, or output when COMPUTE
+    ticket_ptr,  # [1] int32, zero before the launch
+    x_ptr, router_ptr, rbias_ptr,  # COMPUTE only: x [T, H], router [E, H], router bias [E] (or None)
+    bias_ptr,  # [E] fp32 selection bias (or None)
+    T, H, NB, scale_hi, scale_lo,
     E: tl.constexpr, TOPK: tl.constexpr, GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
-    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr,
-    E_PAD: tl.constexpr, K_PAD: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, COMPUTE: tl.constexpr,
+    HAS_RBIAS: tl.constexpr, NATIVE_DOT: tl.constexpr, WRITE_KEPT: tl.constexpr,
+    E_PAD: tl.constexpr, K_PAD: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    CB: tl.constexpr,
 ):
-    """One program routes BLOCK_T tokens.
+    """One program routes BLOCK_T tokens (NB programs).
 
+    COMPUTE: logits = x @ router^T (+ router bias) here (router_logits_tile), written to logits_ptr; else read.
     scores = softmax(logits) or sigmoid(logits); sel = scores (+ bias). With GROUPS > 1 only experts of the
     TOPK_GROUPS groups with the largest top-2 sum of sel can be chosen. Top-k over sel, ties to the lower
     expert id (and to the lower group id); a NaN counts as larger than every number, as in torch.sort.
     weights = scores at the chosen experts, divided by their sum when RENORM, times the scaling factor
     (scale_hi, plus scale_lo, its fp32 remainder, for fp64 weights).
-    counts[e] += chosen assignments of e in this block (one atomic per expert per program).
+    Outputs: ids [T, TOPK] int64, weights [T, TOPK] and scores [T, E] in the logits' dtype; table [NB, E] int32
+    (exclusive per-block offsets once the last program has scanned it), counts [E] int32 and stats [E + 1] int64
+    (tokens per expert, dropped = 0), all before capacity.
     """
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     ex = tl.arange(0, E_PAD)
     ex_ok = ex < E
     mask = row_ok[:, None] & ex_ok[None, :]
-    logits = tl.load(logits_ptr + rows[:, None] * E + ex[None, :], mask=mask, other=float("-inf"))
+    if COMPUTE:
+        logits = router_logits_tile(x_ptr, router_ptr, rbias_ptr, rows, row_ok, H, E, HAS_RBIAS, NATIVE_DOT, E_PAD,
+                                    BLOCK_T, BLOCK_K)
+        tl.store(logits_ptr + rows[:, None] * E + ex[None, :], logits, mask=mask)
+    else:
+        logits = tl.load(logits_ptr + rows[:, None] * E + ex[None, :], mask=mask, other=float("-inf"))
     scores, chosen, weights, taken = select_topk(logits, row_ok, bias_ptr, scale_hi, scale_lo, E, TOPK, GROUPS,
                                                  TOPK_GROUPS, SIGMOID, HAS_BIAS, RENORM, E_PAD, K_PAD, G_PAD, BLOCK_T)
     tl.store(scores_ptr + rows[:, None] * E + ex[None, :], scores, mask=mask)
@@ -47,70 +159,100 @@ def route_kernel(
     out_mask = row_ok[:, None] & (kx < TOPK)[None, :]
     tl.store(ids_ptr + rows[:, None] * TOPK + kx[None, :], chosen, mask=out_mask)
     tl.store(weights_ptr + rows[:, None] * TOPK + kx[None, :], weights, mask=out_mask)
+    if WRITE_KEPT:
+        tl.store(kept_ptr + rows[:, None] * TOPK + kx[None, :], tl.full((BLOCK_T, K_PAD), 1, tl.int1), mask=out_mask)
     block_counts = tl.sum((taken & row_ok[:, None]).to(tl.int32), 0)
-    tl.atomic_add(counts_ptr + ex, block_counts, mask=ex_ok & (block_counts > 0))
+    tl.store(table_ptr + pid.to(tl.int64) * E + ex, block_counts, mask=ex_ok)
+    if last_to_finish(ticket_ptr, NB):
+        finish_counts(table_ptr, counts_ptr, stats_ptr, NB, E, T * TOPK, E_PAD, CB)
 
 
 @triton.jit
-def count_kernel(
-    counts_ptr,  # output [E] int32, zero-initialised, += assignments per expert
-    ids_ptr, kept_ptr,  # [N] int64 expert ids, [N] bool (or None: all count)
-    N, HAS_KEPT: tl.constexpr, BLOCK: tl.constexpr,
-):
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = idx < N
-    ids = tl.load(ids_ptr + idx, mask=ok, other=0)
+def _block_slots(ids_ptr, kept_ptr, rows, row_ok, E, TOPK: tl.constexpr, HAS_KEPT: tl.constexpr,
+                 K_PAD: tl.constexpr):
+    """(ids [BT, K_PAD] int32, ok [BT, K_PAD] int32 0/1) of a block of tokens: ok marks the assignments that count
+    (in range, and kept when HAS_KEPT); ids outside [0, E) never count (their slot is E, no expert's)."""
+    kx = tl.arange(0, K_PAD)
+    in_range = row_ok[:, None] & (kx < TOPK)[None, :]
+    offs = rows[:, None] * TOPK + kx[None, :]
+    ids = tl.load(ids_ptr + offs, mask=in_range, other=E).to(tl.int32)
+    ok = in_range & (ids >= 0) & (ids < E)
     if HAS_KEPT:
-        ok = ok & (tl.load(kept_ptr + idx, mask=ok, other=0) != 0)
-    tl.atomic_add(counts_ptr + ids, 1, mask=ok)
+        ok = ok & (tl.load(kept_ptr + offs, mask=in_range, other=0) != 0)
+    return ids, ok.to(tl.int32)
 
 
 @triton.jit
-def sort_kernel(
-    order_ptr, slot_ptr,  # outputs: [N] int32 sorted rows -> assignment, [N] int32 assignment -> sorted row
-    ids_ptr, kept_ptr, counts_ptr,  # [N] int64, [N] bool (or None), [E] int32 kept rows per expert
-    N, E, HAS_KEPT: tl.constexpr, E_PAD: tl.constexpr, BLOCK: tl.constexpr,
+def hist_kernel(
+    table_ptr, counts_ptr, stats_ptr,  # outputs: [NB, E] int32 block table (offsets), [E] int32, [E + 1] int64
+    ticket_ptr,  # [1] int32, zero before the launch
+    ids_ptr, kept_ptr,  # [T, TOPK] int64 expert ids, [T, TOPK] bool (or None: all count)
+    T, NB, E, TOPK: tl.constexpr, HAS_KEPT: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, CB: tl.constexpr,
 ):
-    """Counting sort, one program per expert: program e scans all assignments in order and places its own
-    at rows offset[e], offset[e] + 1, ... (token order within an expert, as a stable sort gives).
+    """Routing the caller supplied: block b's kept assignments per expert -> table[b]; the last program scans it
+    (finish_counts: counts, stats with dropped = T * TOPK - kept)."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    ids, ok = _block_slots(ids_ptr, kept_ptr, rows, row_ok, E, TOPK, HAS_KEPT, K_PAD)
+    hits = token_hits(ids, ok, TOPK, E_PAD, K_PAD, BLOCK_T)
+    ex = tl.arange(0, E_PAD)
+    tl.store(table_ptr + pid.to(tl.int64) * E + ex, tl.sum(hits, 0), mask=ex < E)
+    if last_to_finish(ticket_ptr, NB):
+        finish_counts(table_ptr, counts_ptr, stats_ptr, NB, E, T * TOPK, E_PAD, CB)
 
-    order[offset[e] + r] = i and slot_of[i] = offset[e] + r for the r-th kept assignment i of expert e;
-    rows past sum(counts) stay unwritten. With HAS_KEPT, program 0 also writes slot_of = -1 for dropped
-    assignments. A write never leaves expert e's rows, even if counts disagreed with the flags.
-    """
-    e = tl.program_id(0)
-    base, n_e = expert_rows(e, counts_ptr, E, E_PAD)
-    offs = tl.arange(0, BLOCK)
-    filled = n_e * 0
-    for start in range(0, N, BLOCK):
-        idx = start + offs
-        ok = idx < N
-        mine = ok & (tl.load(ids_ptr + idx, mask=ok, other=-1) == e)
-        if HAS_KEPT:
-            kept = tl.load(kept_ptr + idx, mask=ok, other=0) != 0
-            mine = mine & kept
-            if e == 0:  # (a scalar condition as an `if`: the interpreter rejects it inside a mask)
-                tl.store(slot_ptr + idx, tl.full((BLOCK,), -1, tl.int32), mask=ok & ~kept)
-        rank = filled + tl.cumsum(mine.to(tl.int32), 0) - 1
-        mine = mine & (rank < n_e)
-        dest = base + rank
-        tl.store(order_ptr + dest, idx.to(tl.int32), mask=mine)
-        tl.store(slot_ptr + idx, dest, mask=mine)
-        filled += tl.sum(mine.to(tl.int32), 0)
+
+@triton.jit
+def scatter_kernel(
+    order_ptr, slot_ptr,  # outputs: [T*TOPK] int32 sorted row -> assignment, assignment -> sorted row (-1: not
+                          # kept)
+    ids_ptr, kept_ptr,  # [T, TOPK] int64, [T, TOPK] bool (or None: all count)
+    table_ptr, counts_ptr,  # [NB, E] int32 per-block offsets (scanned), [E] int32 rows per expert
+    T, E, TOPK: tl.constexpr, HAS_KEPT: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """Block b places its counted assignments: sorted row = (first row of expert e) + table[b, e] + (assignments of
+    e in earlier tokens of the block) + (earlier choices of e by the same token), i.e. token order within an expert.
+    Rows past sum(counts) stay unwritten; a row is never written twice."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    ids, ok = _block_slots(ids_ptr, kept_ptr, rows, row_ok, E, TOPK, HAS_KEPT, K_PAD)
+    hits = token_hits(ids, ok, TOPK, E_PAD, K_PAD, BLOCK_T)
+    ex = tl.arange(0, E_PAD)
+    ex_ok = ex < E
+    counts = tl.load(counts_ptr + ex, mask=ex_ok, other=0)
+    first = tl.cumsum(counts, 0) - counts + tl.load(table_ptr + pid.to(tl.int64) * E + ex, mask=ex_ok, other=0)
+    before = tl.cumsum(hits, 0) - hits + first[None, :]
+    for j in tl.static_range(TOPK):
+        e_j = slot_of_tile(ids, j, K_PAD)
+        ok_j = slot_of_tile(ok, j, K_PAD) != 0
+        sel = (ex[None, :] == e_j[:, None]) & ok_j[:, None]
+        pos = tl.sum(tl.where(sel, before, 0), 1)
+        before += sel.to(tl.int32)  # the token's next choice of the same expert goes one row further
+        a = rows * TOPK + j
+        tl.store(order_ptr + pos, a.to(tl.int32), mask=row_ok & ok_j)
+        tl.store(slot_ptr + a, tl.where(ok_j, pos, -1), mask=row_ok)
 
 
 @triton.jit
 def capacity_kernel(
     kept_ptr,  # output [N] bool: assignment survives capacity
+    table_ptr, counts_out_ptr, stats_ptr,  # outputs: [NB, E] int32 (zero before the launch), [E] int32, [E+1] int64
+    ticket_ptr,  # [1] int32, zero before the launch
     order_ptr, ids_ptr, weights_ptr, counts_ptr,  # dropless order [N] int32, ids [N] int64, weights [N], [E] int32
-    N, E, cap, E_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    N, E, cap, NB, TOPK: tl.constexpr, E_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr, CB: tl.constexpr,
 ):
     """kept[i] = rank of assignment i within its expert < cap, ranking by weight descending, then by lower
     assignment (= token) index. NaN weights rank first (torch.sort's descending order), which makes the
     order total, so exactly min(count, cap) assignments of every expert are kept.
 
     One program ranks BLOCK_R consecutive rows of the dropless order against every row of their experts'
-    segments, BLOCK_C at a time: work is sum over experts of count^2, spread over all programs.
+    segments, BLOCK_C at a time: work is sum over experts of count^2, spread over all programs. Each kept
+    assignment also counts into the block table of its token's block of BLOCK_T tokens (integer atomics: the
+    sums do not depend on their order), which the last program scans (finish_counts) for the scatter of the kept.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < N
@@ -135,7 +277,12 @@ def capacity_kernel(
         ahead = (w_c[None, :] > w[:, None]) | ((w_c[None, :] == w[:, None]) & (src_c[None, :] < src[:, None]))
         beats = (e_c[None, :] == e[:, None]) & col_ok[None, :] & ahead
         rank += tl.sum(beats.to(tl.int32), 1)
-    tl.store(kept_ptr + src, rank < cap, mask=row_ok)
+    keep = rank < cap
+    tl.store(kept_ptr + src, keep, mask=row_ok)
+    block = (src // TOPK) // BLOCK_T
+    tl.atomic_add(table_ptr + block.to(tl.int64) * E + e, 1, mask=row_ok & keep, sem="relaxed", scope="gpu")
+    if last_to_finish(ticket_ptr, tl.num_programs(0)):
+        finish_counts(table_ptr, counts_out_ptr, stats_ptr, NB, E, N, E_PAD, CB)
 
 
 @triton.jit

@@ -4,11 +4,14 @@ tests/test_ptx_checks.py runs this as `python -m tests.ptx_probe` with TRITON_IN
 process imports Triton in interpreter mode (tests/conftest.py), where triton.jit and Triton's own library give
 interpreted functions that cannot be compiled. Prints one JSON object: for each probe kernel the violations
 flashmoe_py.triton_compile_check.uniform_control_flow reports on its PTX, and the thread0_only verdict of the
-NVSHMEM signal (null when the NVSHMEM bitcode is not installed).
+NVSHMEM signal (null when the NVSHMEM bitcode is not installed); and under "structure" what
+flashmoe_py.compile_structure reads from a tl.dot loop compiled with 3 pipeline stages and with 1, for sm_90 and
+sm_80: the kernel's summary and each main loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -22,6 +25,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from flashmoe_py.compile_structure import main_loops, summary  # noqa: E402
 from flashmoe_py.triton_compile_check import thread0_only, uniform_control_flow  # noqa: E402
 
 
@@ -65,6 +69,31 @@ def _signal_peer(sig, value, pe):
     nvshmem.signal_set(sig, value, pe)
 
 
+def _dot_loop(a_ptr, b_ptr, c_ptr, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # C [BM, BN] = A [BM, K] @ B [K, BN]: one K loop, the pipeliner's to stage (num_stages) or not.
+    offs_m, offs_n, offs_k = tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BK)
+    a_ptrs = a_ptr + offs_m[:, None] * K + offs_k[None, :]
+    b_ptrs = b_ptr + offs_k[:, None] * BN + offs_n[None, :]
+    acc = tl.zeros((BM, BN), tl.float32)
+    for _ in range(0, K, BK):
+        acc = tl.dot(tl.load(a_ptrs), tl.load(b_ptrs), acc)
+        a_ptrs += BK
+        b_ptrs += BK * BN
+    tl.store(c_ptr + offs_m[:, None] * BN + offs_n[None, :], acc)
+
+
+def _structure(arch: int, stages: int) -> dict:
+    """compile_structure's view of _dot_loop (bf16, 128 x 128 x 64 tiles, 4 warps) for sm_<arch>."""
+    signature = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*fp32", "K": "i32", "BM": "constexpr",
+                 "BN": "constexpr", "BK": "constexpr"}
+    aligned = {(i,): [["tt.divisibility", 16]] for i in range(4)}  # as the JIT specialises 16-aligned arguments
+    src = ASTSource(triton.jit(_dot_loop), signature, constexprs={"BM": 128, "BN": 128, "BK": 64}, attrs=aligned)
+    ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                         options={"num_warps": 4, "num_stages": stages}).asm["ptx"]
+    loops = main_loops(ptx)
+    return {**summary(loops), "loops": [{**dataclasses.asdict(loop), "pipelined": loop.pipelined} for loop in loops]}
+
+
 def _ptx_sm90(fn, signature, constexprs=None, **options) -> str:
     src = ASTSource(triton.jit(fn), signature, constexprs=constexprs or {})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, **options}).asm["ptx"]
@@ -88,6 +117,7 @@ def main() -> None:
         out["signal"] = thread0_only(ptx) or "ok"
     else:
         out["signal"] = None
+    out["structure"] = {f"sm_{arch}-s{stages}": _structure(arch, stages) for arch in (90, 80) for stages in (3, 1)}
     json.dump(out, sys.stdout)
 
 

@@ -399,12 +399,14 @@ def test_distributed_harness_times_transports_and_counts_wire_bytes():
         assert r["config"]["world_size"] == 2 and r["config"]["transport"] == name.split("/")[1]
     assert by["reference/broken"]["status"] == "unavailable"
     assert "rank 0: ValueError: transport='broken'" in by["reference/broken"]["reason"]
-    # The Markdown table of a distributed run carries the wire bytes (MB, then the minimum) and copes with
-    # the metrics a distributed run cannot measure (operator counts, peak memory).
+    # The Markdown table of a distributed run carries the wire bytes (MB, then the minimum and their ratio) and
+    # copes with the metrics a distributed run cannot measure (operator counts, peak memory).
     table = report.markdown_table(rows).splitlines()
-    assert table[0].endswith("| wire MB (min) |")
+    assert table[0].endswith("| wire MB (min, ratio) |")
     wire_mb = 2 * 2 * 24 * 32 * 4 / 1e6
-    assert f"| {wire_mb:.2f} (" in table[2] and all(line.count("|") == table[0].count("|") for line in table)
+    ratio = rows[0]["metrics"]["wire_bytes"] / rows[0]["metrics"]["wire_min_bytes"]
+    assert f"| {wire_mb:.2f} (" in table[2] and f", {ratio:.2f}x) |" in table[2]
+    assert all(line.count("|") == table[0].count("|") for line in table)
 
 
 @pytest.mark.multiproc
@@ -429,5 +431,5 @@ def test_world_size_2_cli_reports_every_transport(tmp_path, capsys):
     for name, r in by.items():
         if name.startswith("triton/") and name != "triton/mpi":
             assert r["status"] == ("ok" if triton_runs else "unavailable"), r
-    assert "wire MB (min)" in capsys.readouterr().out
+    assert "wire MB" in capsys.readouterr().out
     assert not math.isnan(rows[0]["metrics"]["flops"])

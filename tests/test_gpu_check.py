@@ -38,13 +38,19 @@ def _alive(pid: int) -> bool:
 
 def test_the_plan_fits_eight_minutes():
     steps = gc.plan()
-    assert [s.name for s in steps] == ["device", "gpu-tests", "fused-all", "local-ranks", "sanitizer", "bench"]
+    assert [s.name for s in steps] == ["device", "gpu-tests", "fused-all", "local-ranks", "sanitizer", "bench",
+                                       "kernel-perf"]
     total = sum(s.budget_s for s in steps)
     assert total <= 450, f"steps take {total} s: leave the venv set-up its share of 8 minutes"
     assert total + gc.INSTALL_BUDGET_S <= gc.LIMIT_S <= 480
     assert all(s.budget_s > 0 for s in steps) and len({s.name for s in steps}) == len(steps)
     assert not steps[0].needs_gpu and all(s.needs_gpu for s in steps[1:])
     assert all(all(c.isalnum() or c == "-" for c in s.name) for s in steps)  # $OUT's file-name rule
+    budgets = {s.name: s.budget_s for s in steps}
+    # install 60 + device 15 + gpu tests 120 + fused 70 + ranks 40 + sanitizer 65 + bench 50 + measurements 60
+    assert budgets == {"device": 15, "gpu-tests": 120, "fused-all": 70, "local-ranks": 40, "sanitizer": 65,
+                       "bench": 50, "kernel-perf": 60}
+    assert gc.INSTALL_BUDGET_S + sum(budgets.values()) == 480
 
 
 @pytest.mark.slow  # the real plan's dry checks: collecting the tests, parsing the benchmark's options
@@ -60,10 +66,11 @@ def test_dry_run_lists_every_step_and_writes_its_records(tmp_path, capsys, monke
     assert summary["finished"] and summary["ok"] and summary["dry_run"]
     status = {r["name"]: r for r in summary["steps"]}
     assert status["device"]["status"] == "ok" and "torch" in summary["device"]
-    for name in ("gpu-tests", "fused-all", "sanitizer", "bench"):
+    for name in ("gpu-tests", "fused-all", "sanitizer", "bench", "kernel-perf"):
         assert status[name]["status"] == "skipped" and status[name]["detail"].startswith("no GPU")
         assert status[name]["dry_check"]["ok"], status[name]
-    assert "skipped (no GPU)" in out and "[1/6] device and versions" in out
+    assert "skipped (no GPU)" in out and "[1/7] device and versions" in out
+    assert "kernel-perf dry run: ok" in (tmp_path / f"gpu-check-{STAMP}-kernel-perf.txt").read_text()
 
 
 def test_a_failing_step_leaves_records_and_a_nonzero_exit(tmp_path):
@@ -213,3 +220,19 @@ def test_sanitize_without_the_tool_fails(tmp_path, monkeypatch, capsys):
                                           ("the target crashed before the sanitizer summed up", None)])
 def test_error_summary(text, errors):
     assert gc.error_summary(text) == errors
+
+
+def test_a_step_gets_the_time_it_is_killed_at_and_its_json_records_travel(tmp_path):
+    # "{deadline}": the measurement step ends its own cases before the kill; its "-perf.json" goes to $OUT.
+    # (no braces in the code: the step's arguments go through str.format)
+    code = ("import sys, json, time; d = float(sys.argv[1]); print('seconds', 'left:', round(d - time.time())); "
+            "open(sys.argv[2], 'w').write(json.dumps(dict(d=d)))")
+    steps = [gc.Step("perf", "step perf", (PY, "-c", code, "{deadline}", "{stem}-perf.json"), 20, needs_gpu=False,
+                     needs_install=False)]
+    out_dir = tmp_path / "out"
+    rc, _, summary, check = _run(tmp_path, steps, out_dir=out_dir)
+    assert rc == 0
+    said = [ln for ln in check.record_path(steps[0]).read_text().splitlines() if ln.startswith("seconds left:")]
+    left = int(said[0].split(":")[1])
+    assert 15 <= left <= 20
+    assert f"gpu-check-{STAMP}-perf.json" in os.listdir(out_dir)

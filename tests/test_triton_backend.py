@@ -30,8 +30,12 @@ if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 import flashmoe_py as fm  # noqa: E402
 from flashmoe_py import reference, triton_backend  # noqa: E402
+from flashmoe_py.kernels.experts import grouped_tile  # noqa: E402
 from flashmoe_py.routing import capacity_mask, route, sort_by_expert  # noqa: E402
 from tests.helpers import (  # noqa: E402
     ACTIVATION_CONFIGS,
@@ -128,20 +132,32 @@ def test_routing_metadata_exact(name, seed):
     params, x, _ = _inputs(cfg, torch.float32)
     ref = route(x, params["router_weight"], params.get("expert_bias"), cfg)
     t, k, e = NUM_TOKENS, cfg.top_k, cfg.num_experts
-    ids, weights, scores, counts_all = triton_backend._route_op(
-        ref.logits.contiguous(), params.get("expert_bias"), k, cfg.score_func, cfg.renormalize,
-        cfg.routed_scaling_factor, cfg.num_expert_groups, cfg.topk_groups)
+    route_args = (params.get("expert_bias"), k, cfg.score_func, cfg.renormalize, cfg.routed_scaling_factor,
+                  cfg.num_expert_groups, cfg.topk_groups)
+    cap = cfg.capacity(t)
+    ids, weights, scores, _, table, counts_all, stats_all, kept_all = triton_backend._route_op(
+        ref.logits.contiguous(), None, None, None, *route_args, cap is None)
+    # The inference variant computes the logits in the route kernel from x and the router.
+    c_ids, c_weights, c_scores, c_logits, _, c_counts, _, _ = triton_backend._route_op(
+        None, x, params["router_weight"].contiguous(), None, *route_args, cap is None)
+    assert_close(c_logits, ref.logits, torch.float32, "logits computed in the route kernel")
+    assert torch.equal(c_ids, ref.topk_ids) and torch.equal(c_counts, counts_all)
     assert torch.equal(ids, ref.topk_ids)
     assert_close(scores, ref.scores, torch.float32, "scores")
     assert_close(weights, ref.topk_weights, torch.float32, "weights")
     assert torch.equal(counts_all.long().cpu(), torch.bincount(ids.flatten().cpu(), minlength=e))
+    assert torch.equal(stats_all.cpu(), torch.cat([counts_all.long().cpu(), torch.zeros(1, dtype=torch.long)]))
 
-    cap = cfg.capacity(t)
-    order, counts, slot_of = triton_backend._order_op(ids, weights, None, counts_all, -1 if cap is None else cap, e)
-    kept = (slot_of >= 0).view(t, k)
+    order, slot_of, kept, counts, stats = triton_backend._order_op(ids, weights, table, counts_all,
+                                                                   -1 if cap is None else cap, e)
+    if cap is None:
+        counts, stats, kept = counts_all, stats_all, kept_all
+    kept = kept.view(t, k)
     assert torch.equal(kept, capacity_mask(ids, weights, cfg)), "capacity kept a different set"
+    assert torch.equal(kept.flatten(), slot_of >= 0)
     expected = sort_by_expert(ids, kept, e)
     a = int(counts.sum())
+    assert torch.equal(stats.cpu(), torch.cat([counts.long().cpu(), torch.tensor([t * k - a])]))
     order, slot_of, ids_flat = order.long().cpu(), slot_of.long().cpu(), ids.flatten().cpu()
     assert torch.equal(counts.long().cpu(), expected.counts.cpu())
     assert torch.equal(order[:a], expected.order.cpu())
@@ -151,6 +167,10 @@ def test_routing_metadata_exact(name, seed):
     assert (slot_of[~kept.flatten().cpu()] == -1).all()
     assert torch.equal(ids_flat[order[:a]], torch.repeat_interleave(torch.arange(e), counts.long().cpu()))
     assert a == t * k - int((~kept).sum())
+    # Routing the caller supplied, with these kept flags: the same order.
+    g_order, g_slot, g_counts, g_stats = triton_backend._given_order_op(ids, kept.contiguous(), e)
+    assert torch.equal(g_counts.cpu(), counts.cpu()) and torch.equal(g_stats.cpu(), stats.cpu())
+    assert torch.equal(g_order[:a].long().cpu(), order[:a]) and torch.equal(g_slot.long().cpu(), slot_of)
     if cap is not None:
         assert torch.equal(counts.long().cpu(), torch.clamp(counts_all.long().cpu(), max=cap))
 
@@ -168,8 +188,8 @@ def test_topk_ties_go_to_the_lower_expert_and_group(groups, seed):
     if groups > 1:
         w[4:6], w[6:8] = w[0:2], w[2:4]
     ref = route(x, w, None, cfg)
-    ids, _, _, _ = triton_backend._route_op(ref.logits.contiguous(), None, cfg.top_k, cfg.score_func,
-                                           cfg.renormalize, 1.0, cfg.num_expert_groups, cfg.topk_groups)
+    ids = triton_backend._route_op(ref.logits.contiguous(), None, None, None, None, cfg.top_k, cfg.score_func,
+                                   cfg.renormalize, 1.0, cfg.num_expert_groups, cfg.topk_groups, True)[0]
     assert torch.equal(ids, ref.topk_ids)
     assert (ids[:, 0] % 2 == 0).all(), "the first choice of a tied pair must be its even (lower) expert"
 
@@ -319,8 +339,9 @@ def test_launch_config_table_is_complete_and_wgmma_shaped():
         for regime in ("decode", "prefill"):
             for kernel in ("up", "down", "dx", "dh", "dw"):
                 for itemsize in (2, 4, 8):
-                    bm, bn, bk, warps, stages = configs.gemm_config(target, regime, kernel, itemsize)
+                    bm, bn, bk, warps, stages, group_m = configs.gemm_config(target, regime, kernel, itemsize)
                     assert {bm, bn, bk} <= pow2 and warps in (1, 2, 4, 8) and stages >= 1, (target, regime, kernel)
+                    assert group_m >= (0 if kernel == "dw" else 1), (target, regime, kernel)  # dw: 0 = per launch
                     if target == "sm_90" and itemsize == 2:
                         # wgmma: a warpgroup (4 warps) owns 64 rows.
                         assert bm % 64 == 0 and warps % 4 == 0 and bm // 64 >= warps // 4, (regime, kernel)
@@ -347,3 +368,95 @@ def test_compile_gate_reaches_every_kernel():
     assert {f"{k}[{a}]" for a in set(ACTIVATIONS) - {"relu", "silu"} for k in ("up", "dh")} <= epilogues
     fused = {cfg.activation for c in FUSED_CASES for cfg in case_configs(c[1])}
     assert {"swiglu_oai", "swiglu_clamped", "swiglu_softcap", "relu2"} <= fused
+
+
+# ----- launch order: the grouped decode of every GEMM kernel (experts.grouped_tile / grouped_row_tile) -----
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_grouped_launch_order_covers_every_tile(deterministic, seed):
+    # The interpreter's GEMM config has GROUP_M = 3 and 16-wide tiles. Caller routing fills experts 0, 2, 3, 5 with
+    # 20, 33, 17 and 4 rows: 2 + 3 + 2 + 1 = 8 row tiles (not a multiple of 3, so the last group is partial), experts
+    # 1 and 4 empty, and the grid's upper bound leaves surplus programs that must exit. Column tiles: I = 66 gives 5
+    # for up and dh (dW_down: 5 x 4 tiles), H = 50 gives 4 for down and dx (dW_up: 4 x 9). Every buffer is poisoned,
+    # so a tile that no program (or the wrong program) covers shows as NaN or as a wrong value. The routing weights'
+    # gradient is checked too: the act-grad kernel's column tiles each add a share of the b_down term (4 blocks of
+    # hidden columns over 5 column tiles: the last one adds none).
+    cfg = fm.MoEConfig(hidden_size=50, ffn_hidden_size=66, num_experts=6, top_k=2, bias=True,
+                       deterministic=deterministic)
+    params, x, upstream = _inputs(cfg, torch.float64)
+    ids = torch.tensor([[2, 0]] * 20 + [[2, 3]] * 13 + [[3, 5]] * 4, device=DEVICE)
+    w = torch.rand(NUM_TOKENS, 2, dtype=torch.float64, device=DEVICE) + 0.5
+    got = _compare(cfg, torch.float64, params, x, upstream, topk_ids=ids, topk_weights=w)
+    assert got.stats.tokens_per_expert.tolist() == [20, 0, 33, 17, 0, 4]
+
+    def weight_grad(backend, train_experts):
+        p = {n: t.detach().clone().requires_grad_(train_experts) for n, t in params.items()}
+        leaf = w.detach().clone().requires_grad_()
+        out = fm.moe(x, p, cfg, backend=backend, topk_ids=ids, topk_weights=leaf).out
+        (out.double() * upstream).sum().backward()
+        return leaf.grad
+
+    for train_experts in (True, False):  # with and without the expert gradients (h * weight written or not)
+        assert_close(weight_grad("triton", train_experts), weight_grad("reference", train_experts), torch.float64,
+                     "grad topk_weights")
+
+
+@pytest.mark.interpreter
+def test_grouped_launch_order_rows_mode(seed):
+    # The expert-parallel entry point (no gather): 1 + 2 + 1 + 1 = 5 row tiles over experts with 9, 21, 3 and 12 rows,
+    # two experts empty; GROUP_M = 3 again leaves a partial last group.
+    cfg = fm.MoEConfig(hidden_size=50, ffn_hidden_size=66, num_experts=6, top_k=1, bias=True)
+    params = {n: t.to(DEVICE) for n, t in random_params(cfg, torch.float64).items()}
+    counts = torch.tensor([9, 0, 21, 3, 0, 12], device=DEVICE)
+    rows = torch.randn(45, cfg.hidden_size, dtype=torch.float64, device=DEVICE)
+    upstream = torch.randn(45, cfg.hidden_size, dtype=torch.float64, device=DEVICE)
+    names = ["w_up", "w_down", "b_up", "b_down"]
+    results = {}
+    for name, fn in (("triton", triton_backend.expert_ffn), ("reference", reference.expert_ffn)):
+        leaves = {n: params[n].detach().clone().requires_grad_() for n in names}
+        r = rows.detach().clone().requires_grad_()
+        y = fn(r, counts, fm.MoEParams(router_weight=params["router_weight"], **leaves), cfg.activation)
+        (y * upstream).sum().backward()
+        results[name] = (y, r.grad, {n: leaves[n].grad for n in names})
+    (y, gr, gp), (y_ref, gr_ref, gp_ref) = results["triton"], results["reference"]
+    assert_close(y, y_ref, torch.float64, "rows out")
+    assert_close(gr, gr_ref, torch.float64, "grad rows")
+    for n in names:
+        assert_close(gp[n], gp_ref[n], torch.float64, f"grad {n}")
+
+
+@triton.jit
+def _grouped_tile_probe(out_ptr, tiles_m, tiles_n, GROUP_M: tl.constexpr, BLOCK: tl.constexpr):
+    """out [2 * BLOCK] int32: (pid_m, pid_n) of programs 0 .. tiles_m * tiles_n - 1 in the kernels' grouped order."""
+    pid = tl.arange(0, BLOCK)
+    live = pid < tiles_m * tiles_n
+    pid_m, pid_n = grouped_tile(tl.where(live, pid, 0), tiles_m, tiles_n, GROUP_M)
+    tl.store(out_ptr + 2 * pid, pid_m, mask=live)
+    tl.store(out_ptr + 2 * pid + 1, pid_n, mask=live)
+
+
+@pytest.mark.interpreter
+def test_grouped_tile_order_is_a_bijection():
+    # The decode itself, for grids that end in a partial group: every (row tile, column tile) exactly once, and
+    # consecutive programs of a group on one column tile.
+    for tiles_m, tiles_n, group_m in ((8, 5, 3), (1, 4, 8), (7, 1, 2), (16, 22, 8), (5, 3, 1)):
+        n = tiles_m * tiles_n
+        out = torch.full((2 * triton.next_power_of_2(n),), -1, dtype=torch.int32, device=DEVICE)
+        _grouped_tile_probe[(1,)](out, tiles_m, tiles_n, GROUP_M=group_m, BLOCK=triton.next_power_of_2(n))
+        seen = [tuple(p) for p in out[:2 * n].view(n, 2).tolist()]
+        assert sorted(seen) == [(m, c) for m in range(tiles_m) for c in range(tiles_n)], (tiles_m, tiles_n, group_m)
+        g = min(group_m, tiles_m)
+        assert seen[:g] == [(m, 0) for m in range(g)], (tiles_m, tiles_n, group_m)
+
+
+def test_weight_grad_order_shares_the_wider_operand():
+    # dW programs stream whole expert row ranges; consecutive ones share a block of the wider operand. Mixtral's
+    # shape: dW_up's B (dpre, 28672 columns) is wider than its A (x, 4096): column-major, GROUP_M = dW's row tiles;
+    # dW_down's A (h * weight, 14336 columns) is wider than its B (the output gradient, 4096): row-major.
+    cfg = fm.MoEConfig(hidden_size=4096, ffn_hidden_size=14336, num_experts=8, top_k=2)
+    dw = {launch.name: launch for launch in triton_backend.plan_launches(cfg, torch.bfloat16, 16384, "sm_90")
+          if launch.kernel.fn.__name__ == "weight_grad_kernel"}
+    up, down = dw["dw[up]"].constexprs, dw["dw[down]"].constexprs
+    assert up["GROUP_M"] == -(-4096 // up["BLOCK_M"]) and down["GROUP_M"] == 1
+    assert dw["dw[up]"].tags["config"].endswith(f"g{up['GROUP_M']}")

@@ -5,6 +5,8 @@
   which is what `.item()`, `.tolist()` and host-side splits cost.
 - aten_ops (any device): top-level aten operator calls of the call -- on a CPU the honest stand-in for
   launches (each is at least one dispatcher round trip and one kernel).
+- triton_launches (any device): Triton kernel launches of the call, counted where Triton launches a kernel
+  (JITFunction.run, or the interpreter's InterpretedFunction.run), compile-only warm-ups excluded.
 - peak_mem_bytes: CUDA: torch.cuda.max_memory_allocated during the call minus what was allocated before.
   CPU: the high point of the running sum of the CPU allocator's allocations and frees during the call, as
   the profiler's memory events report them at operator granularity (temporaries allocated and freed inside
@@ -35,6 +37,34 @@ def _top_level_aten(events) -> int:
             if parent is None or not parent.name.startswith("aten::"):
                 n += 1
     return n
+
+
+@contextlib.contextmanager
+def count_triton_launches():
+    """Yields a one-element list that counts the Triton launches made inside the block (any backend, any device).
+    Wraps the launch entry of compiled and interpreted kernels; Triton not installed: the count stays 0."""
+    counter = [0]
+    try:
+        from triton.runtime import interpreter, jit
+    except ImportError:
+        yield counter
+        return
+    originals = [(cls, cls.run) for cls in (jit.JITFunction, interpreter.InterpretedFunction)]
+
+    def wrap(run):
+        def counted(self, *args, **kwargs):
+            if not kwargs.get("warmup", False):
+                counter[0] += 1
+            return run(self, *args, **kwargs)
+        return counted
+
+    for cls, run in originals:
+        cls.run = wrap(run)
+    try:
+        yield counter
+    finally:
+        for cls, run in originals:
+            cls.run = run
 
 
 def _cpu_peak(events) -> int:
@@ -76,11 +106,13 @@ def probe(step: Step, device: torch.device) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    with _quiet_stderr(), profile(activities=activities, profile_memory=not cuda) as prof:
+    with _quiet_stderr(), profile(activities=activities, profile_memory=not cuda) as prof, \
+            count_triton_launches() as triton_launches:
         step.timed(0)
         synchronize(device)
     events = prof.events()
-    out = {"aten_ops": _top_level_aten(events), "kernel_launches": None, "host_syncs": None}
+    out = {"aten_ops": _top_level_aten(events), "triton_launches": triton_launches[0], "kernel_launches": None,
+           "host_syncs": None}
     if cuda:
         out["kernel_launches"] = sum(1 for e in events if e.device_type == DeviceType.CUDA)
         out["host_syncs"] = sum(1 for e in events if e.device_type == DeviceType.CPU

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from .counting import wire_ratio
 from .runner import Progress
 
 
@@ -105,10 +106,11 @@ def table(rows: list[dict], title: str):
               header_style="bold")
     for col, just in (("case", "left"), ("candidate", "left"), ("median ms", "right"), ("p20-p80 ms", "right"),
                       ("tok/s", "right"), ("FLOP/s", "right"), ("roofline", "right"), ("vs best", "right"),
-                      ("ops", "right"), ("launch", "right"), ("sync", "right"), ("peak MiB", "right")):
+                      ("ops", "right"), ("Triton", "right"), ("launch", "right"), ("sync", "right"),
+                      ("peak MiB", "right")):
         t.add_column(col, justify=just, no_wrap=col != "case")
     if distributed:
-        t.add_column("wire MB (min)", justify="right")
+        t.add_column("wire MB (min, ratio)", justify="right")
     t.add_column("status", no_wrap=True)
     last, varied, tags = None, _varied(rows), reason_tags(rows)
     for r in rows:
@@ -123,12 +125,15 @@ def table(rows: list[dict], title: str):
                  _si(m["tokens_per_s"]) if ok else "", _si(m["tflops"] * 1e12) if ok else "",
                  f"{100 * eff:.1f}% {m['bound'][0]}" if ok else "",
                  _fmt(m["speedup_vs_best_baseline"], ".2f", "") + ("x" if m["speedup_vs_best_baseline"] else ""),
-                 _fmt(m["aten_ops"], "d", ""), _fmt(m["kernel_launches"], "d", "n/a" if ok else ""),
+                 _fmt(m["aten_ops"], "d", ""), _fmt(m.get("triton_launches"), "d", ""),
+                 _fmt(m["kernel_launches"], "d", "n/a" if ok else ""),
                  _fmt(m["host_syncs"], "d", "n/a" if ok else ""),
                  _fmt(None if m["peak_mem_bytes"] is None else m["peak_mem_bytes"] / 2**20, ".1f", "")]
         if distributed:
             wire, least = m["wire_bytes"], m["wire_min_bytes"]
-            cells.append("" if wire is None else f"{wire / 1e6:.3g} ({_fmt(least and least / 1e6, '.3g')})")
+            ratio = wire_ratio(wire, least)
+            cells.append("" if wire is None else f"{wire / 1e6:.3g} ({_fmt(least and least / 1e6, '.3g')}, "
+                         f"{_fmt(ratio, '.2f', '-')}{'x' if ratio else ''})")
         cells.append("ok" if ok else f"{r['status']} {tags[(r['status'], r['reason'] or '')]}")
         t.add_row(*cells, style=None if ok else "dim")
         last = label
@@ -154,11 +159,13 @@ def print_table(rows: list[dict], title: str, out=None) -> None:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The same numbers as a Markdown table (for the README); `ops` are top-level aten calls per call.
-    Distributed rows add the bytes put on the wire (and the least any transport must send)."""
+    """The same numbers as a Markdown table (for the README); `ops` are top-level aten calls per call, `Triton` the
+    Triton kernel launches per call.
+    Distributed rows add the bytes put on the wire (the least any transport must send, and their ratio)."""
     wire = any(r["metrics"].get("wire_bytes") is not None for r in rows)
-    head = ("| case | candidate | median ms | p20-p80 ms | tok/s | FLOP/s | roofline | vs best | ops | peak MiB |"
-            + (" wire MB (min) |" if wire else ""))
+    head = ("| case | candidate | median ms | p20-p80 ms | tok/s | FLOP/s | roofline | vs best | ops | Triton | "
+            "peak MiB |"
+            + (" wire MB (min, ratio) |" if wire else ""))
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     varied = _varied(rows)
 
@@ -174,10 +181,13 @@ def markdown_table(rows: list[dict]) -> str:
                 f"{_ms(m['latency_ms_p20'])}-{_ms(m['latency_ms_p80'])} | {_si(m['tokens_per_s'])} | "
                 f"{_si(m['tflops'] * 1e12)} | {100 * m['roofline_efficiency']:.1f}% {m['bound']} | "
                 f"{m['speedup_vs_best_baseline']:.2f}x | {opt(m['aten_ops'], str)} | "
+                f"{opt(m.get('triton_launches'), str)} | "
                 f"{opt(m['peak_mem_bytes'], lambda b: f'{b / 2**20:.1f}')} |")
         if wire:
+            ratio = wire_ratio(m.get("wire_bytes"), m.get("wire_min_bytes"))
             line += (f" {opt(m.get('wire_bytes'), lambda b: f'{b / 1e6:.2f}')} "
-                     f"({opt(m.get('wire_min_bytes'), lambda b: f'{b / 1e6:.2f}')}) |")
+                     f"({opt(m.get('wire_min_bytes'), lambda b: f'{b / 1e6:.2f}')}, "
+                     f"{opt(ratio, lambda r: f'{r:.2f}x')}) |")
         out.append(line)
     return "\n".join(out)
 

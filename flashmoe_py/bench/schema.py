@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: triton_launches
 
 STATUSES = ("ok", "failed", "unavailable", "error")
 KINDS = ("ours", "baseline")
@@ -68,6 +68,7 @@ METRIC_KEYS = {
     "kernel_launches": _num,          # per call, from torch.profiler (GPU kernels); None on CPU
     "host_syncs": _num,               # per call, from torch.profiler (*Synchronize runtime calls); None on CPU
     "aten_ops": _num,                 # top-level aten operator calls per call (torch.profiler, any device)
+    "triton_launches": _num,          # Triton kernel launches per call (counted at Triton's launch entry, any device)
     "peak_mem_bytes": _num,           # extra memory at the call's peak over what was live before it
     "wire_bytes": _num,               # distributed: sum over ranks of layer.stats.bytes_sent for one forward
     "wire_min_bytes": _num,           # distributed: the least any transport must move (counting.py)
@@ -266,5 +267,8 @@ def read_rows(path: str | Path) -> list[dict]:
         if not isinstance(rows, list):
             raise ValueError(f"{path}: expected a JSON list of result rows")
     for r in rows:
+        if r.get("schema_version") == 1:  # before triton_launches: the same row, that count unknown
+            r["schema_version"] = SCHEMA_VERSION
+            r.get("metrics", {}).setdefault("triton_launches", None)
         validate_row(r)
     return rows
