@@ -433,3 +433,17 @@ def test_world_size_2_cli_reports_every_transport(tmp_path, capsys):
             assert r["status"] == ("ok" if triton_runs else "unavailable"), r
     assert "wire MB" in capsys.readouterr().out
     assert not math.isnan(rows[0]["metrics"]["flops"])
+
+
+def test_a_rank_started_by_mpirun_joins_the_launch_instead_of_spawning(monkeypatch):
+    # Under mpirun each process is one rank: spawning --world-size ranks from each would start ranks that nobody
+    # joins (the mpi rows then never ran). MPI's own variables count, as for the mpi transport.
+    from flashmoe_py.bench import distributed
+
+    for name in ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "PMIX_RANK", "RANK",
+                 "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert not distributed.launched()
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    assert distributed.launched()

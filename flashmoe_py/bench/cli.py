@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--transport", nargs="+", metavar="NAME",
                       help="expert-parallel transports (default: alltoall shm mpi on CPU, alltoall nvshmem on GPU)")
     what.add_argument("--world-size", type=_positive_int, default=1,
-                      help="spawn this many CPU ranks (gloo); under torchrun the launched ranks are used")
+                      help="spawn this many CPU ranks (gloo); under torchrun or mpirun the launched ranks are used")
     what.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     what.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice); on a "
                       "machine shared with other work, fewer threads than cores avoids waits for descheduled ones")
@@ -258,7 +258,7 @@ def main(argv=None) -> int:
         device = distributed.init_launched()
         world = torch.distributed.get_world_size()
         if args.world_size not in (1, world):
-            raise SystemExit(f"flashmoe-bench: --world-size {args.world_size} but torchrun launched {world} ranks")
+            raise SystemExit(f"flashmoe-bench: --world-size {args.world_size} but the launcher started {world} ranks")
     else:
         device, world = pick_device(args.device), args.world_size
     header = run_header(device)

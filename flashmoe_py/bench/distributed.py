@@ -284,16 +284,21 @@ def spawn(world: int, cases: list[Case], backends: list[str], transports: list[s
 
 
 def launched() -> bool:
-    """True when this process is one of torchrun's ranks."""
-    return dist.is_available() and dist.is_torchelastic_launched()
+    """True when this process is one of the ranks torchrun or mpirun started (MPI's own variables first, as the
+    `mpi` transport reads them); spawning more ranks from such a process would start ranks nobody joins."""
+    from .. import env
+
+    return dist.is_available() and (dist.is_torchelastic_launched() or env.launch_env().launcher is not None)
 
 
 def init_launched() -> torch.device:
-    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); returns this rank's device."""
+    """Join the launcher's process group (NCCL on GPUs, gloo on CPUs); returns this rank's device."""
+    from ..parallel.launch import init_process_group
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    init_process_group(backend, timeout_s=TIMEOUT.total_seconds())
     if torch.cuda.is_available():
-        dist.init_process_group("nccl", timeout=TIMEOUT)
         device = torch.device("cuda", dist.get_rank() % torch.cuda.device_count())
         torch.cuda.set_device(device)
         return device
-    dist.init_process_group("gloo", timeout=TIMEOUT)
     return torch.device("cpu")
