@@ -51,7 +51,7 @@ import triton.language as tl
 from . import nvshmem
 from .common import expert_act
 from .experts import gemm_tile, row_offset, up_tile
-from .routing import router_logits_tile, scan_block_table, select_topk, slot_of_tile, token_hits
+from .routing import rank_in_expert, router_logits_tile, scan_block_table, select_topk, slot_of_tile, token_hits
 
 # PHASE values (the host uses PHASES)
 PHASES = {"all": 0, "route": 1, "dispatch": 2, "gemm0": 3, "gemm1": 4, "combine": 5}
@@ -505,22 +505,9 @@ def _stage_task(r, x_ptr, ids_ptr, wts_ptr, dl_order_ptr, order_ptr, slot_ptr, c
     row_ok = rows < n_all
     a = tl.load(dl_order_ptr + rows, mask=row_ok, other=0)
     e = tl.load(ids_ptr + a, mask=row_ok, other=0).to(tl.int32)
-    w = tl.load(wts_ptr + a, mask=row_ok, other=0.0)
-    w = tl.where(w != w, float("inf"), w)
     seg_lo = tl.load(counts_ptr + 3 * E + e, mask=row_ok, other=0)  # dropless offsets and counts
     seg_hi = seg_lo + tl.load(counts_ptr + 2 * E + e, mask=row_ok, other=0)
-    lo = tl.min(tl.where(row_ok, seg_lo, n_all), 0)
-    hi = tl.max(tl.where(row_ok, seg_hi, 0), 0)
-    rank = tl.zeros((BRS,), tl.int32)
-    for c0 in range(lo, hi, BCS):
-        cols = c0 + tl.arange(0, BCS)
-        col_ok = cols < hi
-        a_c = tl.load(dl_order_ptr + cols, mask=col_ok, other=0)
-        e_c = tl.load(ids_ptr + a_c, mask=col_ok, other=-1).to(tl.int32)
-        w_c = tl.load(wts_ptr + a_c, mask=col_ok, other=0.0)
-        w_c = tl.where(w_c != w_c, float("inf"), w_c)
-        ahead = (w_c[None, :] > w[:, None]) | ((w_c[None, :] == w[:, None]) & (a_c[None, :] < a[:, None]))
-        rank += tl.sum(((e_c[None, :] == e[:, None]) & col_ok[None, :] & ahead).to(tl.int32), 1)
+    rank = rank_in_expert(dl_order_ptr, ids_ptr, wts_ptr, a, e, row_ok, seg_lo, seg_hi, n_all, BRS, BCS)
     kept = row_ok & (rank < cap)
     pos = tl.load(gstart_ptr + e, mask=row_ok, other=0) + rank
     tl.store(order_ptr + pos, a, mask=kept)

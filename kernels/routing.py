@@ -15,7 +15,7 @@ Pipeline on the device, no host read in between:
   capacity_kernel  order before capacity -> kept flags (the C best assignments of every expert) and the block
                    table, counts and stats of the kept ones
 Helpers (also called by the fused kernel): select_topk, router_logits_tile, token_hits, slot_of_tile,
-scan_block_table, finish_counts, last_to_finish.
+scan_block_table, finish_counts, last_to_finish, rank_in_expert.
 Assignment i = t * TOPK + j is token t's j-th choice.
 """
 
@@ -168,10 +168,13 @@ def route_kernel(
 
 
 @triton.jit
-def _block_slots(ids_ptr, kept_ptr, rows, row_ok, E, TOPK: tl.constexpr, HAS_KEPT: tl.constexpr,
-                 K_PAD: tl.constexpr):
-    """(ids [BT, K_PAD] int32, ok [BT, K_PAD] int32 0/1) of a block of tokens: ok marks the assignments that count
-    (in range, and kept when HAS_KEPT); ids outside [0, E) never count (their slot is E, no expert's)."""
+def _block_slots(ids_ptr, kept_ptr, b, T, E, TOPK: tl.constexpr, HAS_KEPT: tl.constexpr, E_PAD: tl.constexpr,
+                 K_PAD: tl.constexpr, BT: tl.constexpr):
+    """Token block b of routing the caller supplied or routed: (rows [BT] int64, row_ok [BT], ids [BT, K_PAD] int32,
+    ok [BT, K_PAD] int32 0/1, hits [BT, E_PAD] int32 from token_hits). ok marks the assignments that count (in
+    range, and kept when HAS_KEPT); ids outside [0, E) never count (their slot is E, no expert's)."""
+    rows = b.to(tl.int64) * BT + tl.arange(0, BT)
+    row_ok = rows < T
     kx = tl.arange(0, K_PAD)
     in_range = row_ok[:, None] & (kx < TOPK)[None, :]
     offs = rows[:, None] * TOPK + kx[None, :]
@@ -179,7 +182,8 @@ def _block_slots(ids_ptr, kept_ptr, rows, row_ok, E, TOPK: tl.constexpr, HAS_KEP
     ok = in_range & (ids >= 0) & (ids < E)
     if HAS_KEPT:
         ok = ok & (tl.load(kept_ptr + offs, mask=in_range, other=0) != 0)
-    return ids, ok.to(tl.int32)
+    ok = ok.to(tl.int32)
+    return rows, row_ok, ids, ok, token_hits(ids, ok, TOPK, E_PAD, K_PAD, BT)
 
 
 @triton.jit
@@ -193,10 +197,7 @@ def hist_kernel(
     """Routing the caller supplied: block b's kept assignments per expert -> table[b]; the last program scans it
     (finish_counts: counts, stats with dropped = T * TOPK - kept)."""
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
-    ids, ok = _block_slots(ids_ptr, kept_ptr, rows, row_ok, E, TOPK, HAS_KEPT, K_PAD)
-    hits = token_hits(ids, ok, TOPK, E_PAD, K_PAD, BLOCK_T)
+    rows, row_ok, ids, ok, hits = _block_slots(ids_ptr, kept_ptr, pid, T, E, TOPK, HAS_KEPT, E_PAD, K_PAD, BLOCK_T)
     ex = tl.arange(0, E_PAD)
     tl.store(table_ptr + pid.to(tl.int64) * E + ex, tl.sum(hits, 0), mask=ex < E)
     if last_to_finish(ticket_ptr, NB):
@@ -216,10 +217,7 @@ def scatter_kernel(
     e in earlier tokens of the block) + (earlier choices of e by the same token), i.e. token order within an expert.
     Rows past sum(counts) stay unwritten; a row is never written twice."""
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
-    ids, ok = _block_slots(ids_ptr, kept_ptr, rows, row_ok, E, TOPK, HAS_KEPT, K_PAD)
-    hits = token_hits(ids, ok, TOPK, E_PAD, K_PAD, BLOCK_T)
+    rows, row_ok, ids, ok, hits = _block_slots(ids_ptr, kept_ptr, pid, T, E, TOPK, HAS_KEPT, E_PAD, K_PAD, BLOCK_T)
     ex = tl.arange(0, E_PAD)
     ex_ok = ex < E
     counts = tl.load(counts_ptr + ex, mask=ex_ok, other=0)
@@ -234,6 +232,31 @@ def scatter_kernel(
         a = rows * TOPK + j
         tl.store(order_ptr + pos, a.to(tl.int32), mask=row_ok & ok_j)
         tl.store(slot_ptr + a, tl.where(ok_j, pos, -1), mask=row_ok)
+
+
+@triton.jit
+def rank_in_expert(order_ptr, ids_ptr, weights_ptr, src, e, row_ok, seg_lo, seg_hi, N,
+                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Capacity rank (DESIGN §2.4) of BLOCK_R rows of the dropless order: for each row (assignment src [BLOCK_R], its
+    expert e int32, its expert's segment [seg_lo, seg_hi) of the order), how many assignments of the same expert come
+    first: a higher weight, or the same weight and a lower assignment (= token) index. NaN weights count as +inf (first,
+    as torch.sort's descending order), which makes the order total. Shared by capacity_kernel and the fused kernel's
+    stage tasks; the columns scanned are the union of the rows' segments, BLOCK_C at a time."""
+    w = tl.load(weights_ptr + src, mask=row_ok, other=0.0)
+    w = tl.where(w != w, float("inf"), w)
+    lo = tl.min(tl.where(row_ok, seg_lo, N), 0)
+    hi = tl.max(tl.where(row_ok, seg_hi, 0), 0)
+    rank = tl.zeros((BLOCK_R,), tl.int32)
+    for c0 in range(lo, hi, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < hi
+        src_c = tl.load(order_ptr + cols, mask=col_ok, other=0)
+        e_c = tl.load(ids_ptr + src_c, mask=col_ok, other=-1).to(tl.int32)
+        w_c = tl.load(weights_ptr + src_c, mask=col_ok, other=0.0)
+        w_c = tl.where(w_c != w_c, float("inf"), w_c)
+        ahead = (w_c[None, :] > w[:, None]) | ((w_c[None, :] == w[:, None]) & (src_c[None, :] < src[:, None]))
+        rank += tl.sum(((e_c[None, :] == e[:, None]) & col_ok[None, :] & ahead).to(tl.int32), 1)
+    return rank
 
 
 @triton.jit
@@ -257,26 +280,12 @@ def capacity_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < N
     src = tl.load(order_ptr + rows, mask=row_ok, other=0)
-    e = tl.load(ids_ptr + src, mask=row_ok, other=0)
-    w = tl.load(weights_ptr + src, mask=row_ok, other=0.0)
-    w = tl.where(w != w, float("inf"), w)
+    e = tl.load(ids_ptr + src, mask=row_ok, other=0).to(tl.int32)
     ex = tl.arange(0, E_PAD)
     n = tl.load(counts_ptr + ex, mask=ex < E, other=0)
     seg_lo = tl.sum(tl.where(ex[None, :] < e[:, None], n[None, :], 0), 1)
     seg_hi = seg_lo + tl.sum(tl.where(ex[None, :] == e[:, None], n[None, :], 0), 1)
-    lo = tl.min(tl.where(row_ok, seg_lo, N), 0)
-    hi = tl.max(tl.where(row_ok, seg_hi, 0), 0)
-    rank = tl.zeros((BLOCK_R,), tl.int32)
-    for c0 in range(lo, hi, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        col_ok = cols < hi
-        src_c = tl.load(order_ptr + cols, mask=col_ok, other=0)
-        e_c = tl.load(ids_ptr + src_c, mask=col_ok, other=-1)
-        w_c = tl.load(weights_ptr + src_c, mask=col_ok, other=0.0)
-        w_c = tl.where(w_c != w_c, float("inf"), w_c)
-        ahead = (w_c[None, :] > w[:, None]) | ((w_c[None, :] == w[:, None]) & (src_c[None, :] < src[:, None]))
-        beats = (e_c[None, :] == e[:, None]) & col_ok[None, :] & ahead
-        rank += tl.sum(beats.to(tl.int32), 1)
+    rank = rank_in_expert(order_ptr, ids_ptr, weights_ptr, src, e, row_ok, seg_lo, seg_hi, N, BLOCK_R, BLOCK_C)
     keep = rank < cap
     tl.store(kept_ptr + src, keep, mask=row_ok)
     block = (src // TOPK) // BLOCK_T

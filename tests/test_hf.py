@@ -235,6 +235,26 @@ def _run_experts(module, impl: str, x, ids, w):
     return module(x, ids, w)
 
 
+def _assert_same_outputs_and_grads(module, ref_impl: str, x, ids, w, upstream, where: str) -> torch.Tensor:
+    """The "flashmoe" entry and `ref_impl` give the same output and the same gradients of x, the routing weights and
+    every parameter (each reached), for the output gradient upstream(y); returns the flashmoe output."""
+    results = {}
+    for impl in (ref_impl, "flashmoe"):
+        module.zero_grad(set_to_none=True)
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = _run_experts(module, impl, xi, ids, wi)
+        y.backward(upstream(y))
+        results[impl] = (y.detach(), xi.grad, wi.grad, {n: p.grad for n, p in module.named_parameters()})
+    (y_ref, dx_ref, dw_ref, dp_ref), (y, dx, dw, dp) = results[ref_impl], results["flashmoe"]
+    assert_close(y, y_ref, F32, f"{where} output")
+    assert_close(dx, dx_ref, F32, f"{where} d hidden_states")
+    assert_close(dw, dw_ref, F32, f"{where} d top_k_weights")
+    for name, g in dp_ref.items():
+        assert dp[name] is not None, f"{where}: no gradient reached {name}"
+        assert_close(dp[name], g, F32, f"{where} d {name}")
+    return y
+
+
 LAYOUTS = {
     # gpt-oss' layout (interleaved, transposed, biased) with a plain silu gate
     "interleaved-transposed-bias": dict(concatenated=False, transposed=True, bias=True, gated=True, act="silu"),
@@ -255,20 +275,7 @@ def test_registered_experts_honour_layout_flags_and_track_parameter_updates(layo
     ids = torch.stack([torch.randperm(5)[:k] for _ in range(t)])
     w = torch.rand(t, k) + 0.1
 
-    results = {}
-    for impl in ("batched_mm", "flashmoe"):
-        module.zero_grad(set_to_none=True)
-        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = _run_experts(module, impl, xi, ids, wi)
-        y.backward(torch.ones_like(y) + x)
-        results[impl] = (y, xi.grad, wi.grad, {n: p.grad for n, p in module.named_parameters()})
-    (y_ref, dx_ref, dw_ref, dp_ref), (y, dx, dw, dp) = results["batched_mm"], results["flashmoe"]
-    assert_close(y, y_ref, F32, f"{layout} output")
-    assert_close(dx, dx_ref, F32, f"{layout} d hidden_states")
-    assert_close(dw, dw_ref, F32, f"{layout} d top_k_weights")
-    for name, g in dp_ref.items():
-        assert dp[name] is not None, f"{layout}: no gradient reached {name}"
-        assert_close(dp[name], g, F32, f"{layout} d {name}")
+    y = _assert_same_outputs_and_grads(module, "batched_mm", x, ids, w, lambda y: torch.ones_like(y) + x, layout)
 
     cache = module.__dict__.get("_flashmoe_cache", {})
     relaid = {n: v[1][0] for n, v in cache.items() if n != "layout"}
@@ -310,20 +317,9 @@ def test_post_expert_norm_runs_each_slot_through_the_family_norm(backend, seed):
     x = torch.randn(t, 16)
     ids = torch.stack([torch.randperm(6)[:k] for _ in range(t)])
     w = torch.rand(t, k) + 0.1
-    results = {}
-    for impl in ("eager", "flashmoe"):
-        experts.config = types.SimpleNamespace(_experts_implementation=impl)
-        experts.zero_grad(set_to_none=True)
-        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = experts(xi, ids, wi)
-        y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y))
-        results[impl] = (y.detach(), xi.grad, wi.grad, {n: p.grad for n, p in experts.named_parameters()})
-    (y_ref, dx_ref, dw_ref, dp_ref), (y, dx, dw, dp) = results["eager"], results["flashmoe"]
-    assert_close(y, y_ref, F32, f"{backend} output")
-    assert_close(dx, dx_ref, F32, f"{backend} d hidden_states")
-    assert_close(dw, dw_ref, F32, f"{backend} d top_k_weights")
-    for name, g in dp_ref.items():
-        assert_close(dp[name], g, F32, f"{backend} d {name}")
+    experts.config = types.SimpleNamespace(_experts_implementation=None)
+    _assert_same_outputs_and_grads(experts, "eager", x, ids, w,
+                                   lambda y: torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y), backend)
 
 
 def test_unsupported_variants_raise_errors_naming_the_flag(seed):

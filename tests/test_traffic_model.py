@@ -101,4 +101,4 @@ def test_estimate_of_the_bench_shape_is_never_below_once_and_the_plain_orders_di
     # tiles (8 of 256 columns at H=2048: about 2.9x of once), while one expert's w_down (5.8 MB) stays in L2
     # across its row tiles in row-major order.
     down = by_name["down[scaled]"]
-    assert down.column_major > 2 * down.once_total and down.row_major < 1.1 * down.once_total, down
+    assert down.column_major > 2.5 * down.once_total and down.row_major < 1.1 * down.once_total, down

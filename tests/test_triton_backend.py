@@ -243,13 +243,19 @@ def test_caller_supplied_routing_with_capacity(seed):
 
 
 @pytest.mark.interpreter
-def test_expert_ffn_matches_reference(seed):
-    # The expert-parallel entry point: rows already grouped by local expert (one expert empty), no gather.
-    cfg = fm.MoEConfig(hidden_size=20, ffn_hidden_size=12, num_experts=4, top_k=1, bias=True)
+@pytest.mark.parametrize("hidden, inner, counts", [
+    (20, 12, [9, 0, 21, 3]),
+    # 1 + 2 + 1 + 1 = 5 row tiles over experts with 9, 21, 3 and 12 rows, two empty: the interpreter's GROUP_M = 3
+    # leaves a partial last group of the grouped launch order, with several column tiles.
+    (50, 66, [9, 0, 21, 3, 0, 12]),
+])
+def test_expert_ffn_matches_reference(hidden, inner, counts, seed):
+    # The expert-parallel entry point: rows already grouped by local expert (experts empty), no gather.
+    cfg = fm.MoEConfig(hidden_size=hidden, ffn_hidden_size=inner, num_experts=len(counts), top_k=1, bias=True)
     params = {n: t.to(DEVICE) for n, t in random_params(cfg, torch.float64).items()}
-    counts = torch.tensor([9, 0, 21, 3], device=DEVICE)
-    rows = torch.randn(33, cfg.hidden_size, dtype=torch.float64, device=DEVICE)
-    upstream = torch.randn(33, cfg.hidden_size, dtype=torch.float64, device=DEVICE)
+    counts = torch.tensor(counts, device=DEVICE)
+    rows = torch.randn(int(counts.sum()), cfg.hidden_size, dtype=torch.float64, device=DEVICE)
+    upstream = torch.randn(int(counts.sum()), cfg.hidden_size, dtype=torch.float64, device=DEVICE)
     names = ["w_up", "w_down", "b_up", "b_down"]
     results = {}
     for name, fn in (("triton", triton_backend.expert_ffn), ("reference", reference.expert_ffn)):
@@ -262,7 +268,7 @@ def test_expert_ffn_matches_reference(seed):
     assert_close(y, y_ref, torch.float64, "rows out")
     assert_close(gr, gr_ref, torch.float64, "grad rows")
     for n in names:
-        assert_close(gp[n], gp_ref[n], torch.float64, f"grad {n}")  # expert 1 has no rows: zero gradient
+        assert_close(gp[n], gp_ref[n], torch.float64, f"grad {n}")  # empty experts: zero gradient
 
 
 @pytest.mark.interpreter
@@ -400,30 +406,6 @@ def test_grouped_launch_order_covers_every_tile(deterministic, seed):
     for train_experts in (True, False):  # with and without the expert gradients (h * weight written or not)
         assert_close(weight_grad("triton", train_experts), weight_grad("reference", train_experts), torch.float64,
                      "grad topk_weights")
-
-
-@pytest.mark.interpreter
-def test_grouped_launch_order_rows_mode(seed):
-    # The expert-parallel entry point (no gather): 1 + 2 + 1 + 1 = 5 row tiles over experts with 9, 21, 3 and 12 rows,
-    # two experts empty; GROUP_M = 3 again leaves a partial last group.
-    cfg = fm.MoEConfig(hidden_size=50, ffn_hidden_size=66, num_experts=6, top_k=1, bias=True)
-    params = {n: t.to(DEVICE) for n, t in random_params(cfg, torch.float64).items()}
-    counts = torch.tensor([9, 0, 21, 3, 0, 12], device=DEVICE)
-    rows = torch.randn(45, cfg.hidden_size, dtype=torch.float64, device=DEVICE)
-    upstream = torch.randn(45, cfg.hidden_size, dtype=torch.float64, device=DEVICE)
-    names = ["w_up", "w_down", "b_up", "b_down"]
-    results = {}
-    for name, fn in (("triton", triton_backend.expert_ffn), ("reference", reference.expert_ffn)):
-        leaves = {n: params[n].detach().clone().requires_grad_() for n in names}
-        r = rows.detach().clone().requires_grad_()
-        y = fn(r, counts, fm.MoEParams(router_weight=params["router_weight"], **leaves), cfg.activation)
-        (y * upstream).sum().backward()
-        results[name] = (y, r.grad, {n: leaves[n].grad for n in names})
-    (y, gr, gp), (y_ref, gr_ref, gp_ref) = results["triton"], results["reference"]
-    assert_close(y, y_ref, torch.float64, "rows out")
-    assert_close(gr, gr_ref, torch.float64, "grad rows")
-    for n in names:
-        assert_close(gp[n], gp_ref[n], torch.float64, f"grad {n}")
 
 
 @triton.jit
