@@ -530,6 +530,26 @@ def triton_interpreter_puts_into_peer_heap(ctx: Ctx):
     return {}
 
 
+def run_scenario(results: dict, key: str, call) -> None:
+    """results[key] = {"ok", "info" (what call() returned) or "error" (its traceback), "seconds"}; then every rank
+    waits for the others, so the next scenario starts together (shared by the shm, fused and mpirun workers)."""
+    start = time.monotonic()
+    try:
+        results[key] = {"ok": True, "info": call()}
+    except Exception:
+        results[key] = {"ok": False, "error": traceback.format_exc()}
+    results[key]["seconds"] = round(time.monotonic() - start, 3)
+    dist.barrier()
+
+
+def write_and_leave(results: dict, out: str, rank: int) -> None:
+    """This rank's results to <out>/rank<r>.json, then leave the process group together."""
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.barrier()  # leave together: tearing gloo down while a peer still works was seen to abort at exit
+    dist.destroy_process_group()
+
+
 def _rank_main(rank: int, args) -> None:
     world = args.world
     dist.init_process_group("gloo", init_method=f"file://{args.store}", rank=rank, world_size=world,
@@ -540,19 +560,8 @@ def _rank_main(rank: int, args) -> None:
     for transport in args.transport.split(","):  # one launch serves several transports: starting ranks is slow
         ctx = Ctx(rank, world, transport, args.seed)
         for name in names:
-            start = time.monotonic()
-            key = f"{transport}/{name}"
-            try:
-                info = SCENARIOS[name](ctx)
-                results[key] = {"ok": True, "info": info}
-            except Exception:
-                results[key] = {"ok": False, "error": traceback.format_exc()}
-            results[key]["seconds"] = round(time.monotonic() - start, 3)
-            dist.barrier()
-    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-    dist.barrier()  # leave together: tearing gloo down while a peer still works was seen to abort at exit
-    dist.destroy_process_group()
+            run_scenario(results, f"{transport}/{name}", lambda: SCENARIOS[name](ctx))
+    write_and_leave(results, args.out, rank)
 
 
 def main() -> None:

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import time
-import traceback
 from datetime import timedelta
 from unittest import mock
 
@@ -25,7 +23,7 @@ import torch.distributed as dist
 import flashmoe_py as fm
 from flashmoe_py import fused_backend, interpreter_threads
 from flashmoe_py.parallel import ExchangeTimeout, ExpertParallel, HeapOverflow
-from tests.ep_worker import Ctx, _data, _reference
+from tests.ep_worker import Ctx, _data, _reference, run_scenario, write_and_leave
 from tests.tolerances import assert_close
 
 H, FFN, E = 24, 20, 8  # H: a full and a partial 16-wide reduction tile; FFN: a full and a partial column tile
@@ -339,18 +337,12 @@ def _rank_main(rank: int, args) -> None:
     results = {}
     for name in names:
         ctx = Ctx(rank, args.world, "shm", args.seed)
-        start = time.monotonic()
-        try:
+
+        def call():
             with interpreter_threads.concurrent_programs() if args.concurrent else contextlib.nullcontext():
-                results[name] = {"ok": True, "info": SCENARIOS[name](ctx)}
-        except Exception:
-            results[name] = {"ok": False, "error": traceback.format_exc()}
-        results[name]["seconds"] = round(time.monotonic() - start, 3)
-        dist.barrier()
-    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-    dist.barrier()  # leave together: tearing gloo down while a peer still works was seen to abort at exit
-    dist.destroy_process_group()
+                return SCENARIOS[name](ctx)
+        run_scenario(results, name, call)
+    write_and_leave(results, args.out, rank)
 
 
 def main() -> None:

@@ -13,10 +13,7 @@ over the `mpi` transport, write `rank<r>.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import time
-import traceback
 from datetime import timedelta
 
 import torch
@@ -51,17 +48,8 @@ def main() -> None:
         "mpi_reason": transports.unavailable_reason("mpi", torch.device("cpu"))}}
     ctx = ep_worker.Ctx(rank, world, "mpi", args.seed)
     for name in args.scenarios.split(","):
-        start = time.monotonic()
-        try:
-            results[name] = {"ok": True, "info": ep_worker.SCENARIOS[name](ctx)}
-        except Exception:
-            results[name] = {"ok": False, "error": traceback.format_exc()}
-        results[name]["seconds"] = round(time.monotonic() - start, 3)
-        dist.barrier()
-    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()
+        ep_worker.run_scenario(results, name, lambda: ep_worker.SCENARIOS[name](ctx))
+    ep_worker.write_and_leave(results, args.out, rank)
 
 
 if __name__ == "__main__":
