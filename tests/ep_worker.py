@@ -238,23 +238,26 @@ def _pairs(owners: list, world: int) -> list:
 def _expected_bytes(ctx: Ctx, cfg, owners: list, itemsize: int) -> tuple[int, dict]:
     """What this rank must have put in one forward, exactly, and the global accounting beside it.
 
-    one-sided: (pairs to other ranks) * (row + metadata) + (pairs returned to other ranks) * row + 2 (W-1) signal
-    words; metadata = k * (weight itemsize + 4) per dispatched row. alltoall: one row per (token, expert) each way
-    plus (W-1) * E_local count words per exchange."""
+    one-sided: (pairs to other ranks + pairs returned to other ranks) * row + (assignments on other ranks) * routing
+    record (weight itemsize + 4) + 2 (W-1) signal words: the least possible plus the signal words. alltoall: one row
+    per (token, expert) each way plus (W-1) * E_local count words per exchange."""
     w, r, k, el = ctx.world, ctx.rank, cfg.top_k, ctx.el(cfg)
     row = cfg.hidden_size * itemsize
     remote = _pairs(owners, w)
     for s, h in enumerate(remote):
         h[:, s] = False
     pairs_total = int(sum(int(h.sum()) for h in remote))
-    wire_min = counting.wire_min_bytes(pairs_total, cfg.hidden_size, itemsize)
     weight_item = 8 if itemsize == 8 else 4
-    meta = k * (weight_item + 4)
+    record = weight_item + 4
+    remote_assign = [int((o != s).sum()) for s, o in enumerate(owners)]
+    wire_min = counting.wire_min_bytes(pairs_total, cfg.hidden_size, itemsize, sum(remote_assign), weight_item)
+    assert wire_min == 2 * pairs_total * row + sum(remote_assign) * record
     if ctx.transport in ONE_SIDED:
         out_pairs, in_pairs = int(remote[r].sum()), sum(int(h[:, r].sum()) for s, h in enumerate(remote) if s != r)
-        mine = out_pairs * (row + meta) + in_pairs * row + 2 * (w - 1) * SIGNAL_BYTES
-        total = counting.one_sided_wire_bytes(pairs_total, cfg.hidden_size, itemsize, k, weight_item, w)
-        assert total == wire_min + pairs_total * meta + 2 * w * (w - 1) * SIGNAL_BYTES, (total, wire_min)
+        mine = out_pairs * row + remote_assign[r] * record + in_pairs * row + 2 * (w - 1) * SIGNAL_BYTES
+        total = counting.one_sided_wire_bytes(pairs_total, sum(remote_assign), cfg.hidden_size, itemsize, weight_item,
+                                              w)
+        assert total == wire_min + 2 * w * (w - 1) * SIGNAL_BYTES, (total, wire_min)
     else:
         sent = int((owners[r] != r).sum())
         recv = sum(int((o == r).sum()) for s, o in enumerate(owners) if s != r)
@@ -268,8 +271,8 @@ def _expected_bytes(ctx: Ctx, cfg, owners: list, itemsize: int) -> tuple[int, di
 @scenario
 def bytes_exact_k3_h128_fp32(ctx: Ctx):
     # bytes_sent is exact: at W=4 (and 2), k=3, H=128 the one-sided transports put the least possible (one row out
-    # and one back per (token, remote rank)) plus the routing metadata of the rows out plus two signal words per
-    # peer; alltoall one row per (token, expert) plus its count words. Two runs give the same bits, forward and
+    # and one back per (token, remote rank), a weight and an expert id per remote assignment) plus two signal words
+    # per peer; alltoall one row per (token, expert) plus its count words. Two runs give the same bits, forward and
     # backward.
     cfg = fm.MoEConfig(hidden_size=128, ffn_hidden_size=FFN, num_experts=E, top_k=3)
     params, xs, gs = _data(ctx, cfg, torch.float32, [9, 4, 11, 6], 6)

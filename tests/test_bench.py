@@ -136,11 +136,17 @@ def test_routing_counts_and_wire_minimum_by_hand():
     # dropping token1's expert 2 (capacity) leaves token1 local to rank 0; expert 2 is still hit by token2
     kept[1, 1] = False
     assert counting.remote_pairs(ids, kept, 4, 2, rank=0) == 1
+    assert counting.remote_assignments(ids, kept, 4, 2, rank=0) == 2, "token2's 3 and 2 (token1's 2 was dropped)"
+    assert counting.remote_assignments(ids, kept, 4, 2, rank=1) == 3, "token0's 0, 1 and token1's 1"
     assert counting.routing_counts(ids, kept, 4) == (5, 4)
     kept[0, 0] = False  # expert 0 had only token0
     assert counting.routing_counts(ids, kept, 4) == (4, 3)
     # one row out and one back per pair: 2 * 3 pairs * H=16 * 2 bytes = 192
     assert counting.wire_min_bytes(3, 16, 2) == 192
+    # with the routing of 4 remote assignments: a weight and an int32 id each, 4 * (4 + 4) = 32 -> 224; fp64 weights: 240
+    assert counting.wire_min_bytes(3, 16, 2, 4) == 224 and counting.wire_min_bytes(3, 16, 2, 4, 8) == 240
+    # the one-sided transports: that plus a signal word per ordered pair of ranks and direction, 2 * 2 * 1 * 8
+    assert counting.one_sided_wire_bytes(3, 4, 16, 2, 4, 2) == 224 + 32
 
 
 def test_roofline_efficiency_by_hand():

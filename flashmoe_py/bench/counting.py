@@ -23,15 +23,16 @@ receive at least one row (E_hit*(H*N_up + I*H)*s, plus their biases) and the sha
 Bytes on the wire for expert parallelism (total over all ranks for one forward): the least any
 transport can move is one row out and one result row back per (token, remote rank) pair -- a rank sends
 a token once to each other rank that owns any of its experts, and the owner sums that token's experts
-before replying: wire_min = 2 * P * H * s, P = pairs over all ranks. Payload only: the metadata and
-signal words a protocol adds are its overhead, shown by the ratio wire_bytes / wire_min. What the
-transports move, exactly (their stats.bytes_sent summed over ranks):
+before replying -- and, with the rows out, what the owner needs to know of each remote assignment: its
+routing weight (w = 4 bytes, fp32; 8 for fp64 layers) and its local expert id (an int32):
+wire_min = 2 * P * H * s + A_r * (w + 4), P = pairs and A_r = remote kept assignments over all ranks. What
+the transports move, exactly (their stats.bytes_sent summed over ranks):
 
-    one-sided (shm, mpi, nvshmem)  wire_min + P * k * (w + 4) + 2 * W * (W-1) * 8
-                                   one row per (token, rank) each way; each row out carries k (weight, local
-                                   expert id) slots, w = 4 (fp32 weights; 8 for fp64 layers); one signal word
-                                   per (source, receiver) pair and direction
-    alltoall (Megatron's unit)     2 * A_remote * H * s + 2 * W * (W-1) * E_local * 8
+    one-sided (shm, mpi, nvshmem)  wire_min + 2 * W * (W-1) * 8
+                                   one row per (token, rank) each way, one routing record (weight, id << 1 |
+                                   last-of-row) per remote assignment with the rows out, and one signal word per
+                                   (source, receiver) pair and direction
+    alltoall (Megatron's unit)     2 * A_r * H * s + 2 * W * (W-1) * E_local * 8
                                    one row per remote (token, expert) assignment each way, plus the counts
 
 Roofline efficiency = max(FLOPs / matmul rate, bytes / copy bandwidth) / measured time: 1.0 means the
@@ -103,31 +104,44 @@ def routing_counts(topk_ids: torch.Tensor, kept: torch.Tensor, num_experts: int)
     return int(ids.numel()), hit
 
 
-def remote_pairs(topk_ids: torch.Tensor, kept: torch.Tensor, num_experts: int, world_size: int, rank: int) -> int:
-    """(token, remote rank) pairs of this rank's tokens: topk_ids/kept [T, k]; rank r owns experts
-    [r*E/W, (r+1)*E/W). Each pair is the least one row out and one row back can carry."""
-    if topk_ids.numel() == 0:
-        return 0
+def _remote_hits(topk_ids: torch.Tensor, kept: torch.Tensor, num_experts: int, world_size: int,
+                 rank: int) -> torch.Tensor:
+    """[T, W] bool: token t has a kept assignment on rank d != rank (rank d owns [d*E/W, (d+1)*E/W))."""
     owner = topk_ids // (num_experts // world_size)  # [T, k]
     hits = torch.zeros(topk_ids.shape[0], world_size, dtype=torch.bool, device=topk_ids.device)
     token = torch.arange(topk_ids.shape[0], device=topk_ids.device).unsqueeze(1).expand_as(owner)
     hits[token[kept], owner[kept]] = True
     hits[:, rank] = False
-    return int(hits.sum())
+    return hits
 
 
-def wire_min_bytes(pairs_total: int, hidden_size: int, itemsize: int) -> float:
+def remote_pairs(topk_ids: torch.Tensor, kept: torch.Tensor, num_experts: int, world_size: int, rank: int) -> int:
+    """(token, remote rank) pairs of this rank's tokens: topk_ids/kept [T, k]; rank r owns experts
+    [r*E/W, (r+1)*E/W). Each pair is the least one row out and one row back can carry."""
+    if topk_ids.numel() == 0:
+        return 0
+    return int(_remote_hits(topk_ids, kept, num_experts, world_size, rank).sum())
+
+
+def remote_assignments(topk_ids: torch.Tensor, kept: torch.Tensor, num_experts: int, world_size: int,
+                       rank: int) -> int:
+    """Kept assignments of this rank's tokens (topk_ids/kept [T, k]) to experts of other ranks."""
+    return int((kept & (topk_ids // (num_experts // world_size) != rank)).sum())
+
+
+def wire_min_bytes(pairs_total: int, hidden_size: int, itemsize: int, assignments_total: int = 0,
+                   weight_itemsize: int = 4) -> float:
     """Least bytes on the wire for one forward over all ranks: one row out and one back per (token, remote rank)
-    pair (payload only; see the module docstring)."""
-    return 2.0 * pairs_total * hidden_size * itemsize
+    pair, and a routing weight and an int32 expert id per remote assignment (see the module docstring)."""
+    return 2.0 * pairs_total * hidden_size * itemsize + assignments_total * (weight_itemsize + 4)
 
 
-def one_sided_wire_bytes(pairs_total: int, hidden_size: int, itemsize: int, top_k: int, weight_itemsize: int,
-                         world_size: int) -> int:
+def one_sided_wire_bytes(pairs_total: int, assignments_total: int, hidden_size: int, itemsize: int,
+                         weight_itemsize: int, world_size: int) -> int:
     """Exactly what the one-sided transports put in one forward over all ranks (the sum of stats.bytes_sent):
-    wire_min + the routing metadata of the rows out + two signal words per ordered pair of ranks."""
-    meta = top_k * (weight_itemsize + 4)
-    return 2 * pairs_total * hidden_size * itemsize + pairs_total * meta + 2 * world_size * (world_size - 1) * 8
+    wire_min + two signal words per ordered pair of ranks."""
+    return int(wire_min_bytes(pairs_total, hidden_size, itemsize, assignments_total, weight_itemsize)) + \
+        2 * world_size * (world_size - 1) * 8
 
 
 def wire_ratio(wire_bytes: float | None, wire_min: float | None) -> float | None:

@@ -179,7 +179,9 @@ def run_cases(cases: list[Case], backends: list[str], transports: list[str], dev
         work = counting.Work(_sum(per_rank.flops, device),
                              _sum(per_rank.min_bytes, device) + passes * expert_bytes)
         pairs = counting.remote_pairs(r0.topk_ids, r0.kept, cfg.num_experts, world, rank)
-        wire_min = counting.wire_min_bytes(int(_sum(pairs, device)), cfg.hidden_size, itemsize)
+        remote = counting.remote_assignments(r0.topk_ids, r0.kept, cfg.num_experts, world, rank)
+        wire_min = counting.wire_min_bytes(int(_sum(pairs, device)), cfg.hidden_size, itemsize,
+                                           int(_sum(remote, device)), 8 if itemsize == 8 else 4)
 
         impls, results = {}, {}
         pairs_run = [(b, t) for b in backends for t in transports]

@@ -5,10 +5,12 @@ Pipeline on rank r (W ranks, E_local = E/W experts each, k slots per token):
   route r's own tokens with the replicated router (capacity per rank, on r's tokens)
   pairs       the (destination rank d, token t) pairs with at least one kept slot of t on d's experts, ordered
               by d, then t: P rows, rows_per_peer [W]
-  send rows   [P, H]  x[t] of each pair;  metadata [P, k]: per slot j the routing weight w_tj (fp32; fp64 for
-              fp64 layers) and d's local expert id of slot j, or -1 where slot j is not d's (or was dropped)
-  DISPATCH    -> rank d receives its rows source-major with their slots
-  on rank d   expand rows to (row, slot) pairs with id >= 0, sort them by local expert (stable: row, then slot),
+  send rows   [P, H]  x[t] of each pair;  routing records, one per kept slot j of t on d's experts, in slot
+              order: the routing weight w_tj (fp32; fp64 for fp64 layers) and the int32 code (d's local expert
+              id << 1 | last record of the row) (pack_slots; layout.TokenLayout)
+  DISPATCH    -> rank d receives its rows source-major with their records, and rebuilds each row's slots: its
+              records in order, then empty slots (unpack_slots)
+  on rank d   expand rows to (row, slot) pairs with an expert, sort them by local expert (stable: row, then slot),
               run the backend's `expert_ffn(rows, counts [E_local], params, activation)` on them, and sum each
               row's weighted outputs, w_tj * y_e(x_t), in the accumulation dtype (fp32; fp64) in slot order j
               ascending; the sum is rounded once to the layer dtype: one partial row per (token, rank)
@@ -19,7 +21,7 @@ The backward mirrors it: the gradients of the partial rows go out once per (toke
 expert's rank the saved local graph gives the expert-weight gradients (they stay there), the gradient of each
 row -- its local slots' input gradients summed in the accumulation dtype in slot order, rounded once -- and the
 gradient of each slot's routing weight (the dot of the row's output gradient with y_e, in the accumulation dtype),
-which go back (RETURN: one row plus k weight gradients per (token, rank)); the token's rank sums its rows'
+which go back (RETURN: one row per (token, rank) plus one weight gradient per record); the token's rank sums its rows'
 gradients over ranks in rank order and hands the weight gradients to the router's graph.
 
 `alltoall` (AllToAllExchange) is the baseline with Megatron's all-to-all dispatcher's unit: one row per
@@ -43,7 +45,7 @@ from ..records import MoEOutput, MoEParams, MoEStats, Routing
 from ..reference import shared_expert
 from ..routing import ExpertOrder, route, routing_losses, sort_by_expert
 from .expert_parallel import ExpertParallel
-from .layout import DISPATCH, RETURN, TOKEN_RANK
+from .layout import DISPATCH, LAST_OF_ROW, RETURN, TOKEN_RANK
 from .protocol import check_send
 
 
@@ -147,19 +149,47 @@ class _OrderedGather(torch.autograd.Function):
         return total.to(grad.dtype), None, None, None
 
 
-def pack_slots(weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """weights [P, k] fp32/fp64, ids [P, k] int32 -> metadata rows uint8 [P, k * (itemsize + 4)]: weights first."""
-    return torch.cat([weights.contiguous().view(torch.uint8), ids.contiguous().view(torch.uint8)], dim=1)
+def pack_slots(weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing records of rows (layout.TokenLayout): weights [P, k] fp32/fp64, ids [P, k] int32 (-1: not the
+    receiver's) -> (records uint8 [Q, itemsize + 4], one per id >= 0, row-major: weight, then the int32 code
+    id << 1 | last-of-row; hits [P] int64: records per row)."""
+    valid = ids >= 0
+    r_idx, j_idx = valid.nonzero(as_tuple=True)
+    hits = valid.sum(1)
+    last = torch.zeros_like(r_idx, dtype=torch.int32)
+    if r_idx.numel():
+        last[torch.cumsum(hits[hits > 0], 0) - 1] = LAST_OF_ROW
+    code = (ids[r_idx, j_idx] << 1) | last
+    records = torch.cat([weights[r_idx, j_idx].contiguous().view(torch.uint8).view(r_idx.numel(), weights.itemsize),
+                         code.contiguous().view(torch.uint8).view(r_idx.numel(), 4)], dim=1)
+    return records, hits
 
 
-def unpack_slots(meta: torch.Tensor, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inverse of pack_slots: uint8 [R, k * (itemsize + 4)] -> (weights [R, k] dtype, ids [R, k] int32)."""
-    wb = k * torch.empty((), dtype=dtype).element_size()
+def unpack_slots(records: torch.Tensor, num_rows: int, k: int, dtype: torch.dtype):
+    """The inverse of pack_slots on the receiver: records uint8 [Q, itemsize + 4] of num_rows rows -> (weights
+    [R, k] dtype, ids [R, k] int32, record_at [Q] int64). A row's records fill its first slots in their order (the
+    slot order of the sender), -1 / 0 after them; record q sits at flat slot record_at[q] = row * k + place."""
+    wb = torch.empty((), dtype=dtype).element_size()
 
     def packed(cols: torch.Tensor) -> torch.Tensor:  # a dense copy: a 1-row slice counts as contiguous, strides kept
         return torch.empty(cols.shape, dtype=torch.uint8, device=cols.device).copy_(cols)
 
-    return packed(meta[:, :wb]).view(dtype), packed(meta[:, wb:]).view(torch.int32)
+    w_rec = packed(records[:, :wb]).view(dtype).reshape(-1)
+    code = packed(records[:, wb:wb + 4]).view(torch.int32).reshape(-1)
+    ends = (code & LAST_OF_ROW) != 0
+    first = torch.ones_like(ends)
+    first[1:] = ends[:-1]  # a record opens a row when its predecessor closed one
+    row_first = first.nonzero().flatten()
+    row = torch.cumsum(first.long(), 0) - 1
+    place = torch.arange(code.numel(), device=code.device) - row_first[row]
+    if row_first.numel() != num_rows or (code.numel() and (not bool(ends[-1]) or int(place.max()) >= k)):
+        raise RuntimeError(f"routing records for {num_rows} rows do not close {num_rows} rows of at most {k} "
+                           "(a corrupt packet)")
+    record_at = row * k + place
+    weights = torch.zeros(num_rows * k, dtype=dtype, device=records.device).index_copy_(0, record_at, w_rec)
+    ids = torch.full((num_rows * k,), -1, dtype=torch.int32, device=records.device).index_copy_(
+        0, record_at, code >> 1)
+    return weights.view(num_rows, k), ids.view(num_rows, k), record_at
 
 
 def local_partials(rows: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert_ffn, params: MoEParams,
@@ -222,8 +252,13 @@ class _TokenRankExperts(torch.autograd.Function):
                 return t if idx is None else t.index_select(0, idx)
 
             take_t = torch.tensor(take, dtype=torch.int64)
-            sent = exchange.run(DISPATCH, part(rows), take_t, pack_slots(part(slot_weights), part(slot_ids)), more)
-            w_recv, ids_recv = unpack_slots(sent.meta, k, wdtype)
+            sent_ids = part(slot_ids)
+            records, hits = pack_slots(part(slot_weights), sent_ids)
+            ends = torch.cumsum(take_t, 0)
+            cum = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(hits.cpu(), 0)])
+            rec_per_peer = (cum[ends] - cum[ends - take_t]).tolist()
+            sent = exchange.run(DISPATCH, part(rows), take_t, records, rec_per_peer, more=more)
+            w_recv, ids_recv, record_at = unpack_slots(sent.records, int(sent.counts.sum()), k, wdtype)
             rows_recv = sent.rows
             with torch.enable_grad() if track else torch.no_grad():
                 if track:
@@ -239,7 +274,8 @@ class _TokenRankExperts(torch.autograd.Function):
             else:
                 out.index_copy_(0, idx, back.rows)
             bytes_sent += sent.bytes_sent + back.bytes_sent
-            rounds.append((idx, take_t, sent.counts, (rows_recv, w_recv, partial) if track else None))
+            rounds.append((idx, take_t, sent.counts, sent_ids >= 0, rec_per_peer, sent.record_counts, record_at,
+                           (rows_recv, w_recv, partial) if track else None))
             if not sent.more:
                 break
             c += 1
@@ -259,7 +295,8 @@ class _TokenRankExperts(torch.autograd.Function):
         grad_w = torch.empty(ctx.shape[0], ctx.k, dtype=ctx.wdtype, device=grad_out.device)
         leaves = [t for t in ctx.weights if t is not None and t.requires_grad]
         totals = [None] * len(leaves)
-        for idx, take, recv_counts, (rows_recv, w_recv, partial) in ctx.rounds:
+        for idx, take, recv_counts, sent_valid, sent_records, recv_records, record_at, graph in ctx.rounds:
+            rows_recv, w_recv, partial = graph
             got = ex.run(DISPATCH, grad_out if idx is None else grad_out.index_select(0, idx), take)
             if not torch.equal(got.counts, recv_counts):
                 raise RuntimeError(f"rank {ex.rank}: the backward dispatch delivered {got.counts.tolist()} rows per "
@@ -268,8 +305,12 @@ class _TokenRankExperts(torch.autograd.Function):
             found = (torch.autograd.grad(partial, targets, got.rows, allow_unused=True) if partial.grad_fn is not None
                      else [None] * len(targets))  # no slot of any received row is this rank's: all zero
             found = [torch.zeros_like(t) if g is None else g for t, g in zip(targets, found)]
-            back = ex.run(RETURN, found[0], recv_counts, found[1].contiguous().view(torch.uint8))
-            wgrads = back.meta.view(ctx.wdtype)  # [n, k]
+            wgrad_records = found[1].reshape(-1).index_select(0, record_at).contiguous().view(torch.uint8)
+            back = ex.run(RETURN, found[0], recv_counts, wgrad_records.view(record_at.numel(), found[1].element_size()),
+                          recv_records.tolist(), recv_records=sent_records)
+            # the records come back in the order they went out: row-major over this round's rows, slot order within
+            wgrads = torch.zeros(sent_valid.shape, dtype=ctx.wdtype, device=grad_out.device)
+            wgrads[sent_valid] = back.records.view(ctx.wdtype).reshape(-1)
             if idx is None:
                 grad_rows, grad_w = back.rows, wgrads
             else:

@@ -5,7 +5,7 @@ address of its packet at a receiver from the receiver's segment base and these o
 handshake. Two layouts, one per protocol:
 
 - `TokenLayout`: the host-driven exchange of protocol.py (the unfused expert-parallel path over shm, mpi and
-  nvshmem): one row per (token, destination rank) with its routing metadata, one packet (and one signal
+  nvshmem): one row per (token, destination rank) with its routing records, one packet (and one signal
   word) per (source, receiver) pair. Described at the class.
 - `HeapLayout`: the persistent fused kernel's (DESIGN §6): one row per (token, expert), one packet per
   (source, receiver-side expert). A device program puts rows and signals at these offsets, peer segments
@@ -64,6 +64,7 @@ REGION_NAMES = ("dispatch", "return")
 TOKEN_RANK, TOKEN_EXPERT = "(token, rank)", "(token, expert)"  # what one row on the wire stands for (`row_unit`)
 COUNT_BITS = 31  # TokenLayout signal words: count in bits [0, 31), the "more rows follow" flag in bit 31
 MORE_FLAG = 1 << COUNT_BITS
+LAST_OF_ROW = 1  # TokenLayout routing records: bit 0 of a record's int32 code marks its row's last record
 
 # Header word indices.
 H_MAGIC, H_VERSION, H_WORLD, H_LOCAL_EXPERTS, H_SLAB_ROWS, H_ROW_BYTES, H_SEQ0 = range(7)
@@ -117,9 +118,9 @@ class HeapLayout:
 
 
 TOKEN_MAGIC = 0x464D5452  # "FMTR": token-rank rows
-TOKEN_VERSION = 1
+TOKEN_VERSION = 2
 # TokenLayout header word indices.
-T_MAGIC, T_VERSION, T_WORLD, T_SLAB_ROWS, T_ROW_BYTES, T_META_ROW_BYTES, T_SEQ0 = range(7)
+T_MAGIC, T_VERSION, T_WORLD, T_SLAB_ROWS, T_ROW_BYTES, T_RECORD_BYTES, T_SEQ0 = range(7)
 
 
 @dataclass(frozen=True)
@@ -128,25 +129,29 @@ class TokenLayout:
 
     Segment of rank r (offsets in bytes from the segment base; every block starts 128-byte aligned)::
 
-        header      8 int64                        MAGIC, VERSION, W, slab_rows, row_bytes, meta_row_bytes,
-                                                   seq[DISPATCH], seq[RETURN]
-        signals[0]  [W] int64                      DISPATCH signal of the packet from src: written by src only
-        signals[1]  [W] int64                      RETURN signal of the packet from src: written by src only
-        data[0]     [W, slab_rows, row_bytes]      DISPATCH row slabs, one per source rank
-        data[1]     [W, slab_rows, row_bytes]      RETURN row slabs
-        meta[0]     [W, slab_rows, meta_row_bytes] DISPATCH metadata slabs, one per source rank
-        meta[1]     [W, slab_rows, meta_row_bytes] RETURN metadata slabs
+        header      8 int64                           MAGIC, VERSION, W, slab_rows, row_bytes, record_bytes,
+                                                      seq[DISPATCH], seq[RETURN]
+        signals[0]  [W] int64                         DISPATCH signal of the packet from src: written by src only
+        signals[1]  [W] int64                         RETURN signal of the packet from src: written by src only
+        data[0]     [W, slab_rows, row_bytes]         DISPATCH row slabs, one per source rank
+        data[1]     [W, slab_rows, row_bytes]         RETURN row slabs
+        meta[0]     [W, slab_records, record_bytes]   DISPATCH routing-record slabs, one per source rank
+        meta[1]     [W, slab_records, record_bytes]   RETURN routing-record slabs
 
     One exchange puts one packet per (source, receiver) pair: `count` rows of `row_bytes` each at the start of
-    the source's data slab, and, when the exchange carries metadata, `count` metadata rows of M <= meta_row_bytes
-    bytes each (M fixed per exchange, known to both sides) packed at the start of its metadata slab. Only those
-    bytes cross the wire. What the protocol carries in the metadata (protocol.py, forward.py):
+    the source's data slab, and, when the exchange carries routing records, its records of m <= record_bytes
+    bytes each (m fixed per exchange, known to both sides) packed at the start of the source's record slab. A
+    record stands for one (token, expert) assignment of a row, so a row has as many as it has experts on the
+    receiver: no padding to top_k. Only those bytes cross the wire. What the records hold (forward.py):
 
-        forward dispatch   per row k slots: k routing weights (fp32; fp64 for fp64 layers), then k int32 local
-                           expert ids of the receiver (-1: the slot is not the receiver's, or was dropped)
+        forward dispatch   one per kept assignment on the receiver, a row's in slot order: its routing weight
+                           (fp32; fp64 for fp64 layers), then an int32 code = local expert id << 1 | last,
+                           `last` (LAST_OF_ROW) set on a row's last record: the receiver finds the packet's
+                           records (the shortest prefix with `count` last flags) and each record's row from them
         forward return     none (one partial-sum row per (token, rank))
-        backward dispatch  none (the expert's rank kept the ids and weights from the forward)
-        backward return    per row the k routing-weight gradients (fp32; fp64)
+        backward dispatch  none (the expert's rank kept the records from the forward)
+        backward return    one per forward record, in its order: the routing weight's gradient (fp32; fp64);
+                           the receiver knows how many (it sent the forward's)
 
     A signal word is `(seq << 32) | (more << 31) | count`: release-stored after the packet's bytes, read with
     acquire before them, `seq` the sender's exchange number in that region (header seq[region], never reset),
@@ -155,13 +160,15 @@ class TokenLayout:
     count 0.
 
     Sizing: a source sends a receiver at most one row per token, so `slab_rows = max_tokens_per_rank` (the
-    per-(token, expert) layout needs top_k times that); `meta_row_bytes = top_k * (weight_itemsize + 4)`.
+    per-(token, expert) layout needs top_k times that), and at most top_k records per row: `slab_records =
+    max_tokens_per_rank * top_k`, `record_bytes = weight_itemsize + 4`.
     """
 
     world_size: int
     slab_rows: int  # rows one source may put into one region of one receiver: max_tokens_per_rank
     row_bytes: int  # hidden_size * itemsize of the exchanged dtype
-    meta_row_bytes: int  # the most metadata bytes one row carries
+    record_bytes: int  # the most bytes one routing record carries
+    slab_records: int  # records one source may put into one region of one receiver
 
     def __post_init__(self):
         if not 0 < self.slab_rows < MORE_FLAG:
@@ -171,7 +178,8 @@ class TokenLayout:
     def for_layer(cls, world_size: int, top_k: int, max_tokens_per_rank: int, hidden_size: int, itemsize: int,
                   weight_itemsize: int) -> TokenLayout:
         """weight_itemsize: bytes of a routing weight, 4 (fp32) or 8 (fp64 layers)."""
-        return cls(world_size, max_tokens_per_rank, hidden_size * itemsize, top_k * (weight_itemsize + 4))
+        return cls(world_size, max_tokens_per_rank, hidden_size * itemsize, weight_itemsize + 4,
+                   max_tokens_per_rank * top_k)
 
     @property
     def signals_bytes(self) -> int:
@@ -183,7 +191,7 @@ class TokenLayout:
 
     @property
     def meta_slab_bytes(self) -> int:
-        return _align(self.slab_rows * self.meta_row_bytes)
+        return _align(self.slab_records * self.record_bytes)
 
     def seq_offset(self, region: int) -> int:
         return (T_SEQ0 + region) * 8
@@ -198,7 +206,7 @@ class TokenLayout:
         return base + (region * self.world_size + src) * self.slab_bytes
 
     def meta_offset(self, region: int, src: int) -> int:
-        """Byte offset of the metadata slab of rank `src` in `region`."""
+        """Byte offset of the routing-record slab of rank `src` in `region`."""
         base = self.data_offset(1, self.world_size - 1) + self.slab_bytes
         return base + (region * self.world_size + src) * self.meta_slab_bytes
 
@@ -207,5 +215,5 @@ class TokenLayout:
         return self.meta_offset(1, self.world_size - 1) + self.meta_slab_bytes
 
     def header(self) -> list[int]:
-        return [TOKEN_MAGIC, TOKEN_VERSION, self.world_size, self.slab_rows, self.row_bytes, self.meta_row_bytes, 0,
+        return [TOKEN_MAGIC, TOKEN_VERSION, self.world_size, self.slab_rows, self.row_bytes, self.record_bytes, 0,
                 0]

@@ -2,18 +2,19 @@
 
 One exchange moves one packet per (source, receiver) pair in one region of a `TokenLayout` (layout.py): the
 rows a rank has for that receiver (one per (token, receiver) in the expert-parallel forward, forward.py), and
-their metadata when the exchange carries any.
+their routing records when the exchange carries any.
 
-    send:  for each peer d != me:  put my rows for d into d's row slab for `me`, my metadata rows for d into
-                                   d's metadata slab for `me`  (only those bytes)
+    send:  for each peer d != me:  put my rows for d into d's row slab for `me`, my records for d into
+                                   d's record slab for `me`  (only those bytes)
                                    release-store d's signal word (me) = seq<<32 | more<<31 | count
     recv:  for each peer p != me:  acquire-wait on my word (p) for sequence seq, with a timeout
-                                   copy p's rows (and metadata) out of my slabs
+                                   copy p's rows (and records) out of my slabs
     self:  my own packet never touches the heap
 
 Invariants, as DESIGN §5 numbers them:
-1. bytes put = rows * (row_bytes + M) + one signal word per peer, M the exchange's metadata bytes per row
-   (0 when it carries none); no padding (`PacketResult.bytes_sent`).
+1. bytes put = rows * row_bytes + records * m + one signal word per peer, m the exchange's bytes per routing
+   record (one record per (token, expert) assignment; none when the exchange carries none); no padding
+   (`PacketResult.bytes_sent`).
 2. the signal word (src) in rank r's segment is written by rank src only, after its packet (release), and the
    packet is read after the word is seen (acquire).
 3. `seq` counts this rank's exchanges per region; nothing is ever reset (100 forwards reuse the heap).
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from .heap import ExchangeTimeout, HeapOverflow, SymmetricHeap
-from .layout import MORE_FLAG, REGION_NAMES, SEQ_LIMIT, SIGNAL_BYTES, TOKEN_RANK, TokenLayout
+from .layout import LAST_OF_ROW, MORE_FLAG, REGION_NAMES, SEQ_LIMIT, SIGNAL_BYTES, TOKEN_RANK, TokenLayout
 
 
 @dataclass
@@ -57,18 +58,32 @@ class ExchangeResult:
 class PacketResult:
     """What one exchange of `OneSidedExchange` delivered to this rank.
 
-    rows       [R, H] exchanged dtype   received rows, source-major (own rows included, in place of rank me)
-    meta       [R, M] uint8 or None     their metadata rows, in the same order (None: the exchange had none)
-    counts     [W] int64 CPU            rows per source rank
-    bytes_sent int                      rows, metadata and signal bytes this rank put to other ranks
-    more       bool                     some rank (this one included) said another round of the call follows
+    rows           [R, H] exchanged dtype   received rows, source-major (own rows included, in place of rank me)
+    records        [Q, m] uint8 or None     their routing records, source-major (None: the exchange had none)
+    counts         [W] int64 CPU            rows per source rank
+    record_counts  [W] int64 CPU or None    records per source rank
+    bytes_sent     int                      rows, records and signal bytes this rank put to other ranks
+    more           bool                     some rank (this one included) said another round of the call follows
     """
 
     rows: torch.Tensor
-    meta: torch.Tensor | None
+    records: torch.Tensor | None
     counts: torch.Tensor
+    record_counts: torch.Tensor | None
     bytes_sent: int
     more: bool
+
+
+def flagged_records(records: torch.Tensor, rows: int) -> int:
+    """records [N, m] uint8 (a packet's records, then anything) -> how many belong to a packet of `rows` rows: the
+    shortest prefix holding `rows` records with LAST_OF_ROW set in the int32 code of their last 4 bytes."""
+    if rows == 0:
+        return 0
+    code = torch.empty(records.shape[0], 4, dtype=torch.uint8).copy_(records[:, -4:]).view(torch.int32)[:, 0]
+    ends = ((code & LAST_OF_ROW) != 0).nonzero().flatten()
+    if ends.numel() < rows:
+        raise RuntimeError(f"a packet of {rows} rows carries only {ends.numel()} row ends in its routing records")
+    return int(ends[rows - 1]) + 1
 
 
 def check_send(send_rows: torch.Tensor, send_counts: torch.Tensor, world_size: int, num_local_experts: int,
@@ -110,7 +125,8 @@ class OneSidedExchange:
             raise RuntimeError(f"rank {self.rank}: {REGION_NAMES[region]} sequence numbers exhausted (2^31 exchanges)")
         return seq
 
-    def _check(self, send_rows: torch.Tensor, per_peer: torch.Tensor, meta: torch.Tensor | None) -> list[int]:
+    def _check(self, send_rows: torch.Tensor, per_peer: torch.Tensor, records: torch.Tensor | None,
+               records_per_peer) -> tuple[list[int], list[int]]:
         lay, w = self.layout, self.world_size
         if tuple(per_peer.shape) != (w,):
             raise ValueError(f"per_peer: expected shape [W={w}], got {tuple(per_peer.shape)}")
@@ -121,33 +137,44 @@ class OneSidedExchange:
         if send_rows.shape[1] * send_rows.element_size() != lay.row_bytes:
             raise ValueError(f"send_rows: rows of {send_rows.shape[1] * send_rows.element_size()} bytes, but the heap "
                              f"was laid out for {lay.row_bytes}-byte rows")
-        if meta is not None and (meta.dtype != torch.uint8 or meta.dim() != 2 or meta.shape[0] != total
-                                 or meta.shape[1] > lay.meta_row_bytes):
-            raise ValueError(f"meta: expected uint8 [{total}, M <= {lay.meta_row_bytes}], got {meta.dtype} "
-                             f"{tuple(meta.shape)}")
         if min(counts) < 0:
             raise ValueError(f"per_peer: negative row counts {counts}")
         if total and max(counts) > lay.slab_rows:
             peer = counts.index(max(counts))
             raise HeapOverflow(f"{counts[peer]} rows for rank {peer} exceed the heap's {lay.slab_rows} rows per "
                                "source (max_tokens_per_rank: one row per (token, rank)); raise max_tokens_per_rank")
-        return counts
+        if records is None:
+            return counts, [0] * w
+        rec = [int(n) for n in records_per_peer]
+        if (records.dtype != torch.uint8 or records.dim() != 2 or records.shape[0] != sum(rec) or len(rec) != w
+                or not 0 < records.shape[1] <= lay.record_bytes or min(rec) < 0):
+            raise ValueError(f"records: expected uint8 [sum(records_per_peer), m <= {lay.record_bytes}] with "
+                             f"records_per_peer [W={w}] >= 0, got {records.dtype} {tuple(records.shape)} and {rec}")
+        if max(rec) > lay.slab_records:
+            peer = rec.index(max(rec))
+            raise HeapOverflow(f"{rec[peer]} routing records for rank {peer} exceed the heap's {lay.slab_records} "
+                               "per source (max_tokens_per_rank * top_k); raise max_tokens_per_rank")
+        return counts, rec
 
-    def run(self, region: int, send_rows: torch.Tensor, per_peer: torch.Tensor, meta: torch.Tensor | None = None,
-            more: bool = False) -> PacketResult:
-        """One exchange (collective: every rank calls it with the same region, and with metadata or without).
+    def run(self, region: int, send_rows: torch.Tensor, per_peer: torch.Tensor, records: torch.Tensor | None = None,
+            records_per_peer=None, recv_records=None, more: bool = False) -> PacketResult:
+        """One exchange (collective: every rank calls it with the same region, and with records or without).
 
-        send_rows [S, H] peer-major; per_peer [W] int64 CPU rows for each rank (own included); meta [S, M] uint8
-        or None: M bytes per row, the same M on every rank; more: this rank has rows for another round of the same
-        call (carried in its signal words; see PacketResult.more) -> PacketResult.
+        send_rows [S, H] peer-major; per_peer [W] int64 CPU rows for each rank (own included); records [Q, m]
+        uint8 or None: routing records (layout.TokenLayout), m bytes each, the same m on every rank, peer-major,
+        records_per_peer [W] of them for each rank; recv_records: the records each source sends this rank ([W]
+        ints; own entry unused), or None when each row's last record carries LAST_OF_ROW (`flagged_records`);
+        more: this rank has rows for another round of the same call (carried in its signal words; see
+        PacketResult.more) -> PacketResult.
         """
         lay, me, w = self.layout, self.rank, self.world_size
-        counts = self._check(send_rows, per_peer, meta)
+        counts, rec = self._check(send_rows, per_peer, records, records_per_peer)
         seq = self._next_seq(region)
         send_rows = send_rows.contiguous()
-        meta = None if meta is None else meta.contiguous()
-        mbytes = 0 if meta is None else meta.shape[1]
+        records = None if records is None else records.contiguous()
+        m = 0 if records is None else records.shape[1]
         starts = [sum(counts[:d]) for d in range(w)]
+        rstarts = [sum(rec[:d]) for d in range(w)]
         flag = MORE_FLAG if more else 0
         bytes_sent = 0
         for i in range(1, w):
@@ -155,11 +182,11 @@ class OneSidedExchange:
             n, at = counts[peer], starts[peer]
             if n:
                 self.heap.put(peer, lay.data_offset(region, me), send_rows[at:at + n])
-                if mbytes:
-                    self.heap.put(peer, lay.meta_offset(region, me), meta[at:at + n])
+            if rec[peer]:
+                self.heap.put(peer, lay.meta_offset(region, me), records[rstarts[peer]:rstarts[peer] + rec[peer]])
             word = torch.tensor([(seq << 32) | flag | n], dtype=torch.int64)
             self.heap.signal(peer, lay.signal_offset(region, me), word)
-            bytes_sent += n * (lay.row_bytes + mbytes) + SIGNAL_BYTES
+            bytes_sent += n * lay.row_bytes + rec[peer] * m + SIGNAL_BYTES
         self.seq[region] = seq
         self.heap.write_local_word(lay.seq_offset(region), seq)
 
@@ -180,24 +207,37 @@ class OneSidedExchange:
                                    f"more than its {lay.slab_rows}-row slab")
             recv[peer] = n
             any_more = any_more or bool(word & MORE_FLAG)
-        total = sum(recv)
-        rows = send_rows.new_empty(total, send_rows.shape[1])
-        got_meta = None if meta is None else meta.new_empty(total, mbytes)
+        rows = send_rows.new_empty(sum(recv), send_rows.shape[1])
         at = 0
         for src, n in enumerate(recv):
-            if not n:
-                continue
-            if src == me:
-                rows[at:at + n] = send_rows[starts[me]:starts[me] + n]
-                if mbytes:
-                    got_meta[at:at + n] = meta[starts[me]:starts[me] + n]
-            else:
-                raw = self.heap.local(lay.data_offset(region, src), n * lay.row_bytes)
-                rows[at:at + n] = raw.view(send_rows.dtype).view(n, -1)
-                if mbytes:
-                    got_meta[at:at + n] = self.heap.local(lay.meta_offset(region, src), n * mbytes).view(n, mbytes)
+            if n:
+                rows[at:at + n] = (send_rows[starts[me]:starts[me] + n] if src == me else
+                                   self.heap.local(lay.data_offset(region, src), n * lay.row_bytes)
+                                   .view(send_rows.dtype).view(n, -1))
             at += n
-        return PacketResult(rows, got_meta, torch.tensor(recv, dtype=torch.int64), bytes_sent, any_more)
+        got, rec_counts = None, None
+        if records is not None:
+            got, rec_counts = self._records(region, records[rstarts[me]:rstarts[me] + rec[me]], recv, recv_records, m)
+        return PacketResult(rows, got, torch.tensor(recv, dtype=torch.int64), rec_counts, bytes_sent, any_more)
+
+    def _records(self, region: int, own: torch.Tensor, recv: list[int], recv_records, m: int):
+        """The records of every source, own included -> (records [Q, m] uint8 source-major, counts [W] int64)."""
+        lay, me = self.layout, self.rank
+        parts, counts = [], []
+        for src, n in enumerate(recv):
+            if src == me:
+                part = own
+            else:
+                slab = self.heap.local(lay.meta_offset(region, src), lay.slab_records * m).view(lay.slab_records, m)
+                q = (flagged_records(slab[:min(n * (lay.slab_records // lay.slab_rows), lay.slab_records)], n)
+                     if recv_records is None else int(recv_records[src]))
+                if q > lay.slab_records:
+                    raise RuntimeError(f"rank {me}: peer {src} sent {q} routing records in the "
+                                       f"{REGION_NAMES[region]} region, more than its {lay.slab_records}-record slab")
+                part = slab[:q].clone()
+            parts.append(part)
+            counts.append(part.shape[0])
+        return torch.cat(parts) if parts else own, torch.tensor(counts, dtype=torch.int64)
 
     def _timeout(self, region: int, peer: int, seq: int, seen: int) -> None:
         self.failed = (f"rank {self.rank}: timed out after {self.timeout_s:g} s waiting for peer {peer}: "
