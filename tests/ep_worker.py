@@ -241,7 +241,7 @@ def _expected_bytes(ctx: Ctx, cfg, owners: list, itemsize: int) -> tuple[int, di
     one-sided: (pairs to other ranks + pairs returned to other ranks) * row + (assignments on other ranks) * routing
     record (weight itemsize + 4) + 2 (W-1) signal words: the least possible plus the signal words. alltoall: one row
     per (token, expert) each way plus (W-1) * E_local count words per exchange."""
-    w, r, k, el = ctx.world, ctx.rank, cfg.top_k, ctx.el(cfg)
+    w, r, el = ctx.world, ctx.rank, ctx.el(cfg)
     row = cfg.hidden_size * itemsize
     remote = _pairs(owners, w)
     for s, h in enumerate(remote):

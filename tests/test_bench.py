@@ -143,7 +143,7 @@ def test_routing_counts_and_wire_minimum_by_hand():
     assert counting.routing_counts(ids, kept, 4) == (4, 3)
     # one row out and one back per pair: 2 * 3 pairs * H=16 * 2 bytes = 192
     assert counting.wire_min_bytes(3, 16, 2) == 192
-    # with the routing of 4 remote assignments: a weight and an int32 id each, 4 * (4 + 4) = 32 -> 224; fp64 weights: 240
+    # with the routing of 4 remote assignments, a weight and an int32 id each: 4 * (4 + 4) = 32 -> 224 (fp64: 240)
     assert counting.wire_min_bytes(3, 16, 2, 4) == 224 and counting.wire_min_bytes(3, 16, 2, 4, 8) == 240
     # the one-sided transports: that plus a signal word per ordered pair of ranks and direction, 2 * 2 * 1 * 8
     assert counting.one_sided_wire_bytes(3, 4, 16, 2, 4, 2) == 224 + 32

@@ -7,11 +7,11 @@ reference on the concatenation of all ranks' tokens (fp64 to 1e-10, fp32 to 1e-5
 sigmoid/grouped routing, with capacity (per rank, against a per-rank reference), with the shared expert;
 uneven token counts, a rank with no tokens, experts with no rows, all tokens to one rank; the Triton backend's
 expert FFN (interpreter) as well as the reference's; caller routing with every token's k experts on one remote
-rank (routing-weight gradients included); bytes_sent exact (one row per (token, rank) each way plus a routing record per
-remote assignment and the signal words on the one-sided transports, one per (token, expert) on alltoall) at k=3, H=128, and two runs
-giving the same bits; per-(token, expert) rows beyond a slab sent in rounds; 100 forwards on one heap; a peer
-that skips its forward -> ExchangeTimeout naming it; more tokens than max_tokens_per_rank -> HeapOverflow;
-construction errors.
+rank (routing-weight gradients included); bytes_sent exact (one row per (token, rank) each way plus a routing
+record per remote assignment and the signal words on the one-sided transports, one per (token, expert) on
+alltoall) at k=3, H=128, and two runs giving the same bits; per-(token, expert) rows beyond a slab sent in
+rounds; 100 forwards on one heap; a peer that skips its forward -> ExchangeTimeout naming it; more tokens than
+max_tokens_per_rank -> HeapOverflow; construction errors.
 """
 
 from __future__ import annotations

@@ -57,15 +57,16 @@ def test_layout_blocks_are_aligned_disjoint_and_fit():
 def test_token_layout_blocks_are_aligned_disjoint_and_fit():
     lay = TokenLayout.for_layer(world_size=3, top_k=4, max_tokens_per_rank=7, hidden_size=6, itemsize=2,
                                 weight_itemsize=4)
-    assert (lay.slab_rows, lay.row_bytes, lay.record_bytes, lay.slab_records) == (7, 12, 8, 28), \
+    assert (lay.slab_rows, lay.row_bytes, lay.record_columns, lay.slab_records) == (7, 12, (4, 4), 28), \
         "one row per token, at most k (weight, id) records per row"
     blocks = []
     for region in (DISPATCH, RETURN):
         blocks.append((lay.signal_offset(region, 0), lay.signal_offset(region, 2) + SIGNAL_BYTES))
         for src in range(3):
             blocks.append((lay.data_offset(region, src), lay.data_offset(region, src) + lay.slab_rows * lay.row_bytes))
-            blocks.append((lay.meta_offset(region, src),
-                           lay.meta_offset(region, src) + lay.slab_records * lay.record_bytes))
+            for col, m in enumerate(lay.record_columns):
+                blocks.append((lay.meta_offset(region, src, col),
+                               lay.meta_offset(region, src, col) + lay.slab_records * m))
     assert all(start % ALIGN == 0 for start, _ in blocks)
     blocks.sort()
     assert blocks[0][0] >= 8 * 8, "the header is overwritten"
@@ -73,7 +74,7 @@ def test_token_layout_blocks_are_aligned_disjoint_and_fit():
     assert blocks[-1][1] <= lay.size
     assert lay.seq_offset(RETURN) < 8 * 8 and len(lay.header()) == 8
     with pytest.raises(ValueError, match="slab_rows"):
-        TokenLayout(world_size=2, slab_rows=MORE_FLAG, row_bytes=8, record_bytes=8, slab_records=8)
+        TokenLayout(world_size=2, slab_rows=MORE_FLAG, row_bytes=8, weight_bytes=4, slab_records=8)
 
 
 class RecordingHeap(SymmetricHeap):
@@ -99,61 +100,64 @@ class RecordingHeap(SymmetricHeap):
 
 
 def test_overflowing_packet_is_refused_before_anything_is_written(seed):
-    lay = TokenLayout(world_size=2, slab_rows=3, row_bytes=4 * 8, record_bytes=12, slab_records=4)
+    lay = TokenLayout(world_size=2, slab_rows=3, row_bytes=4 * 8, weight_bytes=8, slab_records=4)
     heap = RecordingHeap(lay, rank=0, world_size=2)
     ex = OneSidedExchange(heap, lay, timeout_s=1.0)
     with pytest.raises(HeapOverflow, match="4 rows for rank 1 exceed the heap's 3 rows"):
         ex.run(DISPATCH, torch.randn(5, 4, dtype=torch.float64), torch.tensor([1, 4]))
     with pytest.raises(HeapOverflow, match="5 routing records for rank 1 exceed the heap's 4"):
         ex.run(DISPATCH, torch.randn(3, 4, dtype=torch.float64), torch.tensor([1, 2]),
-               torch.zeros(6, 12, dtype=torch.uint8), [1, 5])
-    with pytest.raises(ValueError, match="records: expected uint8"):
+               [torch.zeros(6, 8, dtype=torch.uint8), torch.zeros(6, 4, dtype=torch.uint8)], [1, 5])
+    with pytest.raises(ValueError, match="records: expected up to 2 uint8 columns"):
         ex.run(DISPATCH, torch.randn(2, 4, dtype=torch.float64), torch.tensor([1, 1]),
-               torch.zeros(2, 13, dtype=torch.uint8), [1, 1])
-    with pytest.raises(ValueError, match="records: expected uint8"):
+               [torch.zeros(2, 9, dtype=torch.uint8)], [1, 1])
+    with pytest.raises(ValueError, match="records: expected up to 2 uint8 columns"):
         ex.run(DISPATCH, torch.randn(2, 4, dtype=torch.float64), torch.tensor([1, 1]),
-               torch.zeros(2, 12, dtype=torch.uint8), [1, 2])
+               [torch.zeros(2, 8, dtype=torch.uint8)], [1, 2])
     assert heap.calls == [] and ex.seq == [0, 0], "something was written before the checks"
 
 
 def _records(codes, weight_dtype=torch.float32):
-    """uint8 records [len(codes), w + 4] with random weights and the given int32 codes."""
+    """Record columns [weights uint8 [n, w], codes uint8 [n, 4]] with random weights and the given int32 codes."""
     w = torch.randn(len(codes), dtype=weight_dtype).view(torch.uint8).view(len(codes), -1)
-    return torch.cat([w, torch.tensor(codes, dtype=torch.int32).view(torch.uint8).view(len(codes), 4)], dim=1)
+    return [w, torch.tensor(codes, dtype=torch.int32).view(torch.uint8).view(len(codes), 4)]
 
 
 def test_exchange_puts_rows_and_records_then_one_signal_per_peer(seed):
-    lay = TokenLayout(world_size=2, slab_rows=8, row_bytes=4 * 8, record_bytes=8, slab_records=24)
+    lay = TokenLayout(world_size=2, slab_rows=8, row_bytes=4 * 8, weight_bytes=4, slab_records=24)
     heap = RecordingHeap(lay, rank=0, world_size=2, seen_count=2)
-    # what rank 1 left in this rank's record slab: 2 rows (of 2 and 1 records), then stale bytes
+    # what rank 1 left in this rank's record slab: 2 rows (of 2 and 1 records), then stale records
     peer_records = _records([2 << 1, 4 << 1 | 1, 0 << 1 | 1, 5 << 1 | 1, 7 << 1 | 1])
-    heap.mem[lay.meta_offset(DISPATCH, 1):lay.meta_offset(DISPATCH, 1) + peer_records.numel()] = \
-        peer_records.reshape(-1)
+    for col, c in enumerate(peer_records):
+        at = lay.meta_offset(DISPATCH, 1, col)
+        heap.mem[at:at + c.numel()] = c.reshape(-1)
     ex = OneSidedExchange(heap, lay, timeout_s=1.0)
     records = _records([1 << 1 | 1, 3 << 1, 6 << 1 | 1, 2 << 1 | 1, 0 << 1 | 1, 1 << 1 | 1, 4 << 1 | 1, 0 << 1 | 1])
     res = ex.run(DISPATCH, torch.randn(7, 4, dtype=torch.float64), torch.tensor([3, 4]), records, [4, 4])
     assert heap.calls == [("put", 1, lay.data_offset(DISPATCH, 0), 4 * 32),
-                          ("put", 1, lay.meta_offset(DISPATCH, 0), 4 * 8),
+                          ("put", 1, lay.meta_offset(DISPATCH, 0, 0), 4 * 4),
+                          ("put", 1, lay.meta_offset(DISPATCH, 0, 1), 4 * 4),
                           ("signal", 1, lay.signal_offset(DISPATCH, 0), [(1 << 32) | 4])]
     assert res.bytes_sent == 4 * 32 + 4 * 8 + SIGNAL_BYTES, "rows, their records and one word: nothing else"
     assert res.counts.tolist() == [3, 2] and res.rows.shape == (5, 4)
     assert res.record_counts.tolist() == [4, 3], "the peer's records are the prefix that closes its 2 rows"
-    assert torch.equal(res.records[:4], records[:4]), "own records never touch the heap"
-    assert torch.equal(res.records[4:], peer_records[:3])
+    for got, mine, peer in zip(res.records, records, peer_records):
+        assert torch.equal(got[:4], mine[:4]), "own records never touch the heap"
+        assert torch.equal(got[4:], peer[:3])
     assert not res.more
     assert heap.read_word(lay.seq_offset(DISPATCH)) == 1 and heap.read_word(lay.seq_offset(RETURN)) == 0
-    back = torch.randn(4 + 3, dtype=torch.float64).view(torch.uint8).view(7, 8)
+    back = [torch.randn(4 + 3).view(torch.uint8).view(7, 4)]
     res = ex.run(RETURN, torch.randn(7, 4, dtype=torch.float64), torch.tensor([3, 4]), back, [4, 3],
                  recv_records=[4, 2], more=True)
     assert heap.calls[-1] == ("signal", 1, lay.signal_offset(RETURN, 0), [(1 << 32) | MORE_FLAG | 4])
     assert res.more and res.record_counts.tolist() == [4, 2], "known counts are taken as given"
-    assert res.bytes_sent == 4 * 32 + 3 * 8 + SIGNAL_BYTES
+    assert res.bytes_sent == 4 * 32 + 3 * 4 + SIGNAL_BYTES
     ex.run(DISPATCH, torch.randn(7, 4, dtype=torch.float64), torch.tensor([3, 4]))
     assert heap.calls[-1][3][0] >> 32 == 2, "the second dispatch must carry sequence 2"
 
 
 def test_a_peer_saying_more_is_seen_by_every_receiver():
-    lay = TokenLayout(world_size=3, slab_rows=4, row_bytes=8, record_bytes=8, slab_records=8)
+    lay = TokenLayout(world_size=3, slab_rows=4, row_bytes=8, weight_bytes=4, slab_records=8)
     heap = RecordingHeap(lay, rank=2, world_size=3, seen_count=MORE_FLAG | 1)
     res = OneSidedExchange(heap, lay, timeout_s=1.0).run(DISPATCH, torch.zeros(0, 1, dtype=torch.float64),
                                                           torch.zeros(3, dtype=torch.int64))
@@ -161,7 +165,7 @@ def test_a_peer_saying_more_is_seen_by_every_receiver():
 
 
 def test_timeout_names_rank_peer_and_slot_and_poisons_the_exchange():
-    lay = TokenLayout(world_size=3, slab_rows=4, row_bytes=8, record_bytes=8, slab_records=8)
+    lay = TokenLayout(world_size=3, slab_rows=4, row_bytes=8, weight_bytes=4, slab_records=8)
     heap = RecordingHeap(lay, rank=1, world_size=3, missing=0, seen_seq=0)
     ex = OneSidedExchange(heap, lay, timeout_s=0.25)
     with pytest.raises(ExchangeTimeout, match=r"rank 1: timed out after 0.25 s waiting for peer 0: dispatch slot "
@@ -180,7 +184,8 @@ def test_routing_records_pack_and_unpack(dtype, rows, seed):
         ids[:, 1] = torch.randint(0, 7, (rows,), dtype=torch.int32)  # every row has a record (as every pair does)
     records, hits = pack_slots(weights, ids)
     valid = ids >= 0
-    assert records.dtype == torch.uint8 and records.shape == (int(valid.sum()), dtype.itemsize + 4), \
+    assert [(c.dtype, tuple(c.shape)) for c in records] == [(torch.uint8, (int(valid.sum()), dtype.itemsize)),
+                                                            (torch.uint8, (int(valid.sum()), 4))], \
         "one record per assignment, none for the slots that are not the receiver's"
     assert hits.tolist() == valid.sum(1).tolist()
     got_w, got_ids, record_at = unpack_slots(records, rows, 3, dtype)

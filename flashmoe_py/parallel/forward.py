@@ -149,10 +149,10 @@ class _OrderedGather(torch.autograd.Function):
         return total.to(grad.dtype), None, None, None
 
 
-def pack_slots(weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_slots(weights: torch.Tensor, ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The routing records of rows (layout.TokenLayout): weights [P, k] fp32/fp64, ids [P, k] int32 (-1: not the
-    receiver's) -> (records uint8 [Q, itemsize + 4], one per id >= 0, row-major: weight, then the int32 code
-    id << 1 | last-of-row; hits [P] int64: records per row)."""
+    receiver's) -> (record columns [weights uint8 [Q, itemsize], codes uint8 [Q, 4]], one record per id >= 0,
+    row-major, code = id << 1 | last-of-row; hits [P] int64: records per row)."""
     valid = ids >= 0
     r_idx, j_idx = valid.nonzero(as_tuple=True)
     hits = valid.sum(1)
@@ -160,22 +160,18 @@ def pack_slots(weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, 
     if r_idx.numel():
         last[torch.cumsum(hits[hits > 0], 0) - 1] = LAST_OF_ROW
     code = (ids[r_idx, j_idx] << 1) | last
-    records = torch.cat([weights[r_idx, j_idx].contiguous().view(torch.uint8).view(r_idx.numel(), weights.itemsize),
-                         code.contiguous().view(torch.uint8).view(r_idx.numel(), 4)], dim=1)
-    return records, hits
+    q = r_idx.numel()
+    return [weights[r_idx, j_idx].contiguous().view(torch.uint8).view(q, weights.itemsize),
+            code.to(torch.int32).contiguous().view(torch.uint8).view(q, 4)], hits
 
 
-def unpack_slots(records: torch.Tensor, num_rows: int, k: int, dtype: torch.dtype):
-    """The inverse of pack_slots on the receiver: records uint8 [Q, itemsize + 4] of num_rows rows -> (weights
-    [R, k] dtype, ids [R, k] int32, record_at [Q] int64). A row's records fill its first slots in their order (the
-    slot order of the sender), -1 / 0 after them; record q sits at flat slot record_at[q] = row * k + place."""
-    wb = torch.empty((), dtype=dtype).element_size()
-
-    def packed(cols: torch.Tensor) -> torch.Tensor:  # a dense copy: a 1-row slice counts as contiguous, strides kept
-        return torch.empty(cols.shape, dtype=torch.uint8, device=cols.device).copy_(cols)
-
-    w_rec = packed(records[:, :wb]).view(dtype).reshape(-1)
-    code = packed(records[:, wb:wb + 4]).view(torch.int32).reshape(-1)
+def unpack_slots(records: list[torch.Tensor], num_rows: int, k: int, dtype: torch.dtype):
+    """The inverse of pack_slots on the receiver: record columns (weights uint8 [Q, itemsize], codes uint8 [Q, 4])
+    of num_rows rows -> (weights [R, k] dtype, ids [R, k] int32, record_at [Q] int64). A row's records fill its
+    first slots in their order (the slot order of the sender), -1 / 0 after them; record q sits at flat slot
+    record_at[q] = row * k + place."""
+    w_rec = records[0].contiguous().view(dtype).reshape(-1)
+    code = records[1].contiguous().view(torch.int32).reshape(-1)
     ends = (code & LAST_OF_ROW) != 0
     first = torch.ones_like(ends)
     first[1:] = ends[:-1]  # a record opens a row when its predecessor closed one
@@ -186,8 +182,8 @@ def unpack_slots(records: torch.Tensor, num_rows: int, k: int, dtype: torch.dtyp
         raise RuntimeError(f"routing records for {num_rows} rows do not close {num_rows} rows of at most {k} "
                            "(a corrupt packet)")
     record_at = row * k + place
-    weights = torch.zeros(num_rows * k, dtype=dtype, device=records.device).index_copy_(0, record_at, w_rec)
-    ids = torch.full((num_rows * k,), -1, dtype=torch.int32, device=records.device).index_copy_(
+    weights = torch.zeros(num_rows * k, dtype=dtype, device=code.device).index_copy_(0, record_at, w_rec)
+    ids = torch.full((num_rows * k,), -1, dtype=torch.int32, device=code.device).index_copy_(
         0, record_at, code >> 1)
     return weights.view(num_rows, k), ids.view(num_rows, k), record_at
 
@@ -306,11 +302,11 @@ class _TokenRankExperts(torch.autograd.Function):
                      else [None] * len(targets))  # no slot of any received row is this rank's: all zero
             found = [torch.zeros_like(t) if g is None else g for t, g in zip(targets, found)]
             wgrad_records = found[1].reshape(-1).index_select(0, record_at).contiguous().view(torch.uint8)
-            back = ex.run(RETURN, found[0], recv_counts, wgrad_records.view(record_at.numel(), found[1].element_size()),
-                          recv_records.tolist(), recv_records=sent_records)
+            wgrad_col = wgrad_records.view(record_at.numel(), found[1].element_size())
+            back = ex.run(RETURN, found[0], recv_counts, [wgrad_col], recv_records.tolist(), recv_records=sent_records)
             # the records come back in the order they went out: row-major over this round's rows, slot order within
             wgrads = torch.zeros(sent_valid.shape, dtype=ctx.wdtype, device=grad_out.device)
-            wgrads[sent_valid] = back.records.view(ctx.wdtype).reshape(-1)
+            wgrads[sent_valid] = back.records[0].view(ctx.wdtype).reshape(-1)
             if idx is None:
                 grad_rows, grad_w = back.rows, wgrads
             else:

@@ -64,6 +64,7 @@ REGION_NAMES = ("dispatch", "return")
 TOKEN_RANK, TOKEN_EXPERT = "(token, rank)", "(token, expert)"  # what one row on the wire stands for (`row_unit`)
 COUNT_BITS = 31  # TokenLayout signal words: count in bits [0, 31), the "more rows follow" flag in bit 31
 MORE_FLAG = 1 << COUNT_BITS
+CODE_BYTES = 4  # TokenLayout routing records: an int32 code each
 LAST_OF_ROW = 1  # TokenLayout routing records: bit 0 of a record's int32 code marks its row's last record
 
 # Header word indices.
@@ -120,7 +121,7 @@ class HeapLayout:
 TOKEN_MAGIC = 0x464D5452  # "FMTR": token-rank rows
 TOKEN_VERSION = 2
 # TokenLayout header word indices.
-T_MAGIC, T_VERSION, T_WORLD, T_SLAB_ROWS, T_ROW_BYTES, T_RECORD_BYTES, T_SEQ0 = range(7)
+T_MAGIC, T_VERSION, T_WORLD, T_SLAB_ROWS, T_ROW_BYTES, T_WEIGHT_BYTES, T_SEQ0 = range(7)
 
 
 @dataclass(frozen=True)
@@ -129,29 +130,32 @@ class TokenLayout:
 
     Segment of rank r (offsets in bytes from the segment base; every block starts 128-byte aligned)::
 
-        header      8 int64                           MAGIC, VERSION, W, slab_rows, row_bytes, record_bytes,
+        header      8 int64                           MAGIC, VERSION, W, slab_rows, row_bytes, weight_bytes,
                                                       seq[DISPATCH], seq[RETURN]
         signals[0]  [W] int64                         DISPATCH signal of the packet from src: written by src only
         signals[1]  [W] int64                         RETURN signal of the packet from src: written by src only
         data[0]     [W, slab_rows, row_bytes]         DISPATCH row slabs, one per source rank
         data[1]     [W, slab_rows, row_bytes]         RETURN row slabs
-        meta[0]     [W, slab_records, record_bytes]   DISPATCH routing-record slabs, one per source rank
-        meta[1]     [W, slab_records, record_bytes]   RETURN routing-record slabs
+        meta[0]     [W] record slabs, one per source rank, DISPATCH: a weights column [slab_records,
+                    weight_bytes], then a codes column [slab_records] int32, each 128-byte aligned
+        meta[1]     [W] record slabs, RETURN
 
     One exchange puts one packet per (source, receiver) pair: `count` rows of `row_bytes` each at the start of
-    the source's data slab, and, when the exchange carries routing records, its records of m <= record_bytes
-    bytes each (m fixed per exchange, known to both sides) packed at the start of the source's record slab. A
-    record stands for one (token, expert) assignment of a row, so a row has as many as it has experts on the
-    receiver: no padding to top_k. Only those bytes cross the wire. What the records hold (forward.py):
+    the source's data slab, and, when the exchange carries routing records, its records packed at the start of
+    each column of the source's record slab (columns, not interleaved structs, so every element is aligned for
+    the device kernels that store them). A record stands for one (token, expert) assignment of a row, so a row
+    has as many as it has experts on the receiver: no padding to top_k. Only those bytes cross the wire. What the
+    records hold (forward.py):
 
         forward dispatch   one per kept assignment on the receiver, a row's in slot order: its routing weight
-                           (fp32; fp64 for fp64 layers), then an int32 code = local expert id << 1 | last,
-                           `last` (LAST_OF_ROW) set on a row's last record: the receiver finds the packet's
-                           records (the shortest prefix with `count` last flags) and each record's row from them
+                           (fp32; fp64 for fp64 layers) in the weights column, an int32 code = local expert
+                           id << 1 | last in the codes column, `last` (LAST_OF_ROW) set on a row's last record:
+                           the receiver finds the packet's records (the shortest prefix with `count` last flags)
+                           and each record's row from them
         forward return     none (one partial-sum row per (token, rank))
         backward dispatch  none (the expert's rank kept the records from the forward)
-        backward return    one per forward record, in its order: the routing weight's gradient (fp32; fp64);
-                           the receiver knows how many (it sent the forward's)
+        backward return    one per forward record, in its order: the routing weight's gradient (fp32; fp64) in
+                           the weights column; the receiver knows how many (it sent the forward's)
 
     A signal word is `(seq << 32) | (more << 31) | count`: release-stored after the packet's bytes, read with
     acquire before them, `seq` the sender's exchange number in that region (header seq[region], never reset),
@@ -161,13 +165,13 @@ class TokenLayout:
 
     Sizing: a source sends a receiver at most one row per token, so `slab_rows = max_tokens_per_rank` (the
     per-(token, expert) layout needs top_k times that), and at most top_k records per row: `slab_records =
-    max_tokens_per_rank * top_k`, `record_bytes = weight_itemsize + 4`.
+    max_tokens_per_rank * top_k`, of `weight_bytes + 4` bytes each.
     """
 
     world_size: int
     slab_rows: int  # rows one source may put into one region of one receiver: max_tokens_per_rank
     row_bytes: int  # hidden_size * itemsize of the exchanged dtype
-    record_bytes: int  # the most bytes one routing record carries
+    weight_bytes: int  # bytes of a routing weight in a record: 4 (fp32) or 8 (fp64 layers)
     slab_records: int  # records one source may put into one region of one receiver
 
     def __post_init__(self):
@@ -178,8 +182,13 @@ class TokenLayout:
     def for_layer(cls, world_size: int, top_k: int, max_tokens_per_rank: int, hidden_size: int, itemsize: int,
                   weight_itemsize: int) -> TokenLayout:
         """weight_itemsize: bytes of a routing weight, 4 (fp32) or 8 (fp64 layers)."""
-        return cls(world_size, max_tokens_per_rank, hidden_size * itemsize, weight_itemsize + 4,
+        return cls(world_size, max_tokens_per_rank, hidden_size * itemsize, weight_itemsize,
                    max_tokens_per_rank * top_k)
+
+    @property
+    def record_columns(self) -> tuple[int, int]:
+        """Bytes per record of each column of a record slab: (weight, code)."""
+        return (self.weight_bytes, CODE_BYTES)
 
     @property
     def signals_bytes(self) -> int:
@@ -191,7 +200,7 @@ class TokenLayout:
 
     @property
     def meta_slab_bytes(self) -> int:
-        return _align(self.slab_records * self.record_bytes)
+        return sum(_align(self.slab_records * m) for m in self.record_columns)
 
     def seq_offset(self, region: int) -> int:
         return (T_SEQ0 + region) * 8
@@ -205,15 +214,16 @@ class TokenLayout:
         base = _align(HEADER_WORDS * 8) + 2 * self.signals_bytes
         return base + (region * self.world_size + src) * self.slab_bytes
 
-    def meta_offset(self, region: int, src: int) -> int:
-        """Byte offset of the routing-record slab of rank `src` in `region`."""
+    def meta_offset(self, region: int, src: int, column: int = 0) -> int:
+        """Byte offset of column `column` (0: weights, 1: codes) of the record slab of rank `src` in `region`."""
         base = self.data_offset(1, self.world_size - 1) + self.slab_bytes
-        return base + (region * self.world_size + src) * self.meta_slab_bytes
+        return base + (region * self.world_size + src) * self.meta_slab_bytes + \
+            sum(_align(self.slab_records * m) for m in self.record_columns[:column])
 
     @property
     def size(self) -> int:
         return self.meta_offset(1, self.world_size - 1) + self.meta_slab_bytes
 
     def header(self) -> list[int]:
-        return [TOKEN_MAGIC, TOKEN_VERSION, self.world_size, self.slab_rows, self.row_bytes, self.record_bytes, 0,
+        return [TOKEN_MAGIC, TOKEN_VERSION, self.world_size, self.slab_rows, self.row_bytes, self.weight_bytes, 0,
                 0]

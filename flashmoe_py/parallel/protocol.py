@@ -59,7 +59,8 @@ class PacketResult:
     """What one exchange of `OneSidedExchange` delivered to this rank.
 
     rows           [R, H] exchanged dtype   received rows, source-major (own rows included, in place of rank me)
-    records        [Q, m] uint8 or None     their routing records, source-major (None: the exchange had none)
+    records        list of [Q, m_i] uint8   their routing records, column by column, source-major (None: the
+                   or None                  exchange had none)
     counts         [W] int64 CPU            rows per source rank
     record_counts  [W] int64 CPU or None    records per source rank
     bytes_sent     int                      rows, records and signal bytes this rank put to other ranks
@@ -67,20 +68,19 @@ class PacketResult:
     """
 
     rows: torch.Tensor
-    records: torch.Tensor | None
+    records: list[torch.Tensor] | None
     counts: torch.Tensor
     record_counts: torch.Tensor | None
     bytes_sent: int
     more: bool
 
 
-def flagged_records(records: torch.Tensor, rows: int) -> int:
-    """records [N, m] uint8 (a packet's records, then anything) -> how many belong to a packet of `rows` rows: the
-    shortest prefix holding `rows` records with LAST_OF_ROW set in the int32 code of their last 4 bytes."""
+def flagged_records(codes: torch.Tensor, rows: int) -> int:
+    """codes [N] int32 (a packet's record codes, then anything) -> how many belong to a packet of `rows` rows: the
+    shortest prefix holding `rows` codes with LAST_OF_ROW set."""
     if rows == 0:
         return 0
-    code = torch.empty(records.shape[0], 4, dtype=torch.uint8).copy_(records[:, -4:]).view(torch.int32)[:, 0]
-    ends = ((code & LAST_OF_ROW) != 0).nonzero().flatten()
+    ends = ((codes & LAST_OF_ROW) != 0).nonzero().flatten()
     if ends.numel() < rows:
         raise RuntimeError(f"a packet of {rows} rows carries only {ends.numel()} row ends in its routing records")
     return int(ends[rows - 1]) + 1
@@ -125,7 +125,7 @@ class OneSidedExchange:
             raise RuntimeError(f"rank {self.rank}: {REGION_NAMES[region]} sequence numbers exhausted (2^31 exchanges)")
         return seq
 
-    def _check(self, send_rows: torch.Tensor, per_peer: torch.Tensor, records: torch.Tensor | None,
+    def _check(self, send_rows: torch.Tensor, per_peer: torch.Tensor, records: list[torch.Tensor] | None,
                records_per_peer) -> tuple[list[int], list[int]]:
         lay, w = self.layout, self.world_size
         if tuple(per_peer.shape) != (w,):
@@ -146,24 +146,29 @@ class OneSidedExchange:
         if records is None:
             return counts, [0] * w
         rec = [int(n) for n in records_per_peer]
-        if (records.dtype != torch.uint8 or records.dim() != 2 or records.shape[0] != sum(rec) or len(rec) != w
-                or not 0 < records.shape[1] <= lay.record_bytes or min(rec) < 0):
-            raise ValueError(f"records: expected uint8 [sum(records_per_peer), m <= {lay.record_bytes}] with "
-                             f"records_per_peer [W={w}] >= 0, got {records.dtype} {tuple(records.shape)} and {rec}")
+        widths = lay.record_columns
+        if (not 0 < len(records) <= len(widths) or len(rec) != w or min(rec) < 0
+                or any(c.dtype != torch.uint8 or c.dim() != 2 or c.shape[0] != sum(rec) or not 0 < c.shape[1] <= m
+                       for c, m in zip(records, widths))):
+            got = [(c.dtype, tuple(c.shape)) for c in records]
+            raise ValueError(f"records: expected up to {len(widths)} uint8 columns [sum(records_per_peer), m <= "
+                             f"{list(widths)}] with records_per_peer [W={w}] >= 0, got {got} and {rec}")
         if max(rec) > lay.slab_records:
             peer = rec.index(max(rec))
             raise HeapOverflow(f"{rec[peer]} routing records for rank {peer} exceed the heap's {lay.slab_records} "
                                "per source (max_tokens_per_rank * top_k); raise max_tokens_per_rank")
         return counts, rec
 
-    def run(self, region: int, send_rows: torch.Tensor, per_peer: torch.Tensor, records: torch.Tensor | None = None,
-            records_per_peer=None, recv_records=None, more: bool = False) -> PacketResult:
+    def run(self, region: int, send_rows: torch.Tensor, per_peer: torch.Tensor,
+            records: list[torch.Tensor] | None = None, records_per_peer=None, recv_records=None,
+            more: bool = False) -> PacketResult:
         """One exchange (collective: every rank calls it with the same region, and with records or without).
 
-        send_rows [S, H] peer-major; per_peer [W] int64 CPU rows for each rank (own included); records [Q, m]
-        uint8 or None: routing records (layout.TokenLayout), m bytes each, the same m on every rank, peer-major,
-        records_per_peer [W] of them for each rank; recv_records: the records each source sends this rank ([W]
-        ints; own entry unused), or None when each row's last record carries LAST_OF_ROW (`flagged_records`);
+        send_rows [S, H] peer-major; per_peer [W] int64 CPU rows for each rank (own included); records: None, or
+        the columns of the routing records (layout.TokenLayout: weights, then codes), each uint8 [Q, m_i], the
+        same m_i on every rank, peer-major, records_per_peer [W] of them for each rank; recv_records: the records
+        each source sends this rank ([W] ints; own entry unused), or None when the codes column marks each row's
+        last record with LAST_OF_ROW (`flagged_records`);
         more: this rank has rows for another round of the same call (carried in its signal words; see
         PacketResult.more) -> PacketResult.
         """
@@ -171,8 +176,8 @@ class OneSidedExchange:
         counts, rec = self._check(send_rows, per_peer, records, records_per_peer)
         seq = self._next_seq(region)
         send_rows = send_rows.contiguous()
-        records = None if records is None else records.contiguous()
-        m = 0 if records is None else records.shape[1]
+        records = None if records is None else [c.contiguous() for c in records]
+        m = 0 if records is None else sum(c.shape[1] for c in records)
         starts = [sum(counts[:d]) for d in range(w)]
         rstarts = [sum(rec[:d]) for d in range(w)]
         flag = MORE_FLAG if more else 0
@@ -182,8 +187,8 @@ class OneSidedExchange:
             n, at = counts[peer], starts[peer]
             if n:
                 self.heap.put(peer, lay.data_offset(region, me), send_rows[at:at + n])
-            if rec[peer]:
-                self.heap.put(peer, lay.meta_offset(region, me), records[rstarts[peer]:rstarts[peer] + rec[peer]])
+            for col, c in enumerate(records if rec[peer] else ()):
+                self.heap.put(peer, lay.meta_offset(region, me, col), c[rstarts[peer]:rstarts[peer] + rec[peer]])
             word = torch.tensor([(seq << 32) | flag | n], dtype=torch.int64)
             self.heap.signal(peer, lay.signal_offset(region, me), word)
             bytes_sent += n * lay.row_bytes + rec[peer] * m + SIGNAL_BYTES
@@ -217,27 +222,34 @@ class OneSidedExchange:
             at += n
         got, rec_counts = None, None
         if records is not None:
-            got, rec_counts = self._records(region, records[rstarts[me]:rstarts[me] + rec[me]], recv, recv_records, m)
+            own = [c[rstarts[me]:rstarts[me] + rec[me]] for c in records]
+            got, rec_counts = self._records(region, own, recv, recv_records)
         return PacketResult(rows, got, torch.tensor(recv, dtype=torch.int64), rec_counts, bytes_sent, any_more)
 
-    def _records(self, region: int, own: torch.Tensor, recv: list[int], recv_records, m: int):
-        """The records of every source, own included -> (records [Q, m] uint8 source-major, counts [W] int64)."""
+    def _records(self, region: int, own: list[torch.Tensor], recv: list[int], recv_records):
+        """The records of every source, own included -> (columns [Q, m_i] uint8 source-major, counts [W] int64)."""
         lay, me = self.layout, self.rank
+        widths = [c.shape[1] for c in own]
         parts, counts = [], []
         for src, n in enumerate(recv):
             if src == me:
-                part = own
+                parts.append(own)
+                counts.append(own[0].shape[0])
+                continue
+            if recv_records is None:
+                codes = self.heap.local(lay.meta_offset(region, src, len(widths) - 1), lay.slab_records * 4)
+                q = flagged_records(codes.view(torch.int32)[:min(n * (lay.slab_records // lay.slab_rows),
+                                                                 lay.slab_records)], n)
             else:
-                slab = self.heap.local(lay.meta_offset(region, src), lay.slab_records * m).view(lay.slab_records, m)
-                q = (flagged_records(slab[:min(n * (lay.slab_records // lay.slab_rows), lay.slab_records)], n)
-                     if recv_records is None else int(recv_records[src]))
-                if q > lay.slab_records:
-                    raise RuntimeError(f"rank {me}: peer {src} sent {q} routing records in the "
-                                       f"{REGION_NAMES[region]} region, more than its {lay.slab_records}-record slab")
-                part = slab[:q].clone()
-            parts.append(part)
-            counts.append(part.shape[0])
-        return torch.cat(parts) if parts else own, torch.tensor(counts, dtype=torch.int64)
+                q = int(recv_records[src])
+            if q > lay.slab_records:
+                raise RuntimeError(f"rank {me}: peer {src} sent {q} routing records in the {REGION_NAMES[region]} "
+                                   f"region, more than its {lay.slab_records}-record slab")
+            parts.append([self.heap.local(lay.meta_offset(region, src, col), q * m).view(q, m).clone()
+                          for col, m in enumerate(widths)])
+            counts.append(q)
+        return ([torch.cat([p[col] for p in parts]) for col in range(len(widths))],
+                torch.tensor(counts, dtype=torch.int64))
 
     def _timeout(self, region: int, peer: int, seq: int, seen: int) -> None:
         self.failed = (f"rank {self.rank}: timed out after {self.timeout_s:g} s waiting for peer {peer}: "
