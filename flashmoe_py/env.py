@@ -8,6 +8,8 @@
 | `FLASHMOE_TRITON_TARGET` | unset | launch-config table ("sm_90", "sm_80") instead of the device's own |
 | `FLASHMOE_EP_TIMEOUT_S` | 60 | seconds an expert-parallel exchange waits for a peer before raising `ExchangeTimeout` |
 | `FLASHMOE_EP_MAX_TOKENS` | 4096 | tokens one rank may pass to one expert-parallel forward; sizes the symmetric heap |
+| `FLASHMOE_EP_DEVICE_EXCHANGE` | 1 | "0": the `triton` backend's expert-parallel exchanges over shm / nvshmem are |
+| | | host-driven (protocol.py, one host sync per exchange on GPUs) instead of device-initiated |
 | `FLASHMOE_FUSED_PUTS` | auto | how the fused kernel writes to peers: "ptr" (stores through peer-mapped |
 | | | addresses), "nvshmem" (device NVSHMEM put-with-signal calls; GPU only), "auto" (ptr where every peer is |
 | | | mapped, which the shm heap and a one-node NVSHMEM heap guarantee) |
@@ -65,6 +67,14 @@ def ep_timeout_s() -> float:
 def ep_max_tokens() -> int:
     """Default `max_tokens_per_rank` of an expert-parallel layer."""
     return _positive("FLASHMOE_EP_MAX_TOKENS", 4096, int)
+
+
+def ep_device_exchange() -> bool:
+    """Whether the `triton` backend's one-sided exchanges are device-initiated where the heap allows it."""
+    value = os.environ.get("FLASHMOE_EP_DEVICE_EXCHANGE", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"environment variable FLASHMOE_EP_DEVICE_EXCHANGE={value!r}: expected 0 or 1")
+    return value == "1"
 
 
 def fused_puts() -> str:

@@ -675,19 +675,11 @@ def _value_with_grad_of(value: torch.Tensor, expr: torch.Tensor) -> torch.Tensor
     return value + (expr - expr.detach())
 
 
-def moe_forward(x2d: torch.Tensor, params: MoEParams, cfg: MoEConfig,
-                routing: Optional[Routing] = None) -> MoEOutput:
-    """x2d [T, H] (validated, flattened) -> MoEOutput with out [T, H] in x.dtype. No host synchronisation."""
+def route_on_device(x2d: torch.Tensor, params: MoEParams, cfg: MoEConfig, routing: Optional[Routing] = None):
+    """Routing with the route kernel (or the caller's), ordered by expert, all on the device: x2d [T, H] contiguous
+    (T > 0) -> (Routing, order [T*k] int32, slot_of [T*k] int32, counts [E] int32, stats [E + 1] int64, counts_all
+    [E] int32 before capacity or None for caller routing). No host synchronisation."""
     t, k, e = x2d.shape[0], cfg.top_k, cfg.num_experts
-    if t == 0:
-        from . import reference  # nothing to launch; the reference handles the empty shapes
-
-        result = reference.moe_forward(x2d, params, cfg, routing)
-        # Keep x in the graph even when nothing in the (empty) output depends on it, so backward works.
-        result.out = result.out + x2d * 0
-        result.backend = "triton"
-        return result
-    x2d = x2d.contiguous()
     counts_all = None
     if routing is None:
         bias = params.expert_bias.contiguous() if cfg.expert_bias and params.expert_bias is not None else None
@@ -718,6 +710,24 @@ def moe_forward(x2d: torch.Tensor, params: MoEParams, cfg: MoEConfig,
     else:
         ids = routing.topk_ids.contiguous()
         order, slot_of, counts, stats = _given_order_op(ids, routing.kept.contiguous(), e)
+    return routing, order, slot_of, counts, stats, counts_all
+
+
+def moe_forward(x2d: torch.Tensor, params: MoEParams, cfg: MoEConfig,
+                routing: Optional[Routing] = None) -> MoEOutput:
+    """x2d [T, H] (validated, flattened) -> MoEOutput with out [T, H] in x.dtype. No host synchronisation."""
+    t, k, e = x2d.shape[0], cfg.top_k, cfg.num_experts
+    if t == 0:
+        from . import reference  # nothing to launch; the reference handles the empty shapes
+
+        result = reference.moe_forward(x2d, params, cfg, routing)
+        # Keep x in the graph even when nothing in the (empty) output depends on it, so backward works.
+        result.out = result.out + x2d * 0
+        result.backend = "triton"
+        return result
+    x2d = x2d.contiguous()
+    routing, order, slot_of, counts, stats, counts_all = route_on_device(x2d, params, cfg, routing)
+    ids = routing.topk_ids.contiguous()
     weights = routing.topk_weights.contiguous()
     addend = None
     if cfg.num_shared_experts > 0:
@@ -752,6 +762,24 @@ def expert_ffn(rows: torch.Tensor, counts: torch.Tensor, params: MoEParams, acti
     save = _wants_grad(rows, w_up, w_down, b_up, b_down)
     return _ExpertsFunction.apply(rows, None, None, w_up, w_down, b_up, b_down, None,
                                   counts.to(torch.int32).contiguous(), None, activation, 1, True, save)
+
+
+def token_rows_moe(rows: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, params: MoEParams,
+                   activation: str) -> torch.Tensor:
+    """What an expert's rank computes for the rows it received (parallel/device_forward.py), with no host
+    synchronisation: rows [R, H]; ids [R, k] int32, each slot's local expert (-1: none); weights [R, k] fp32/fp64
+    -> [R, H] in rows.dtype: per row, the sum over its slots with an expert, in slot order, of weight * y_e(row), in
+    fp32 (fp64), rounded once (0 for a row without one). Differentiable w.r.t. rows, weights and the parameters."""
+    k, e = ids.shape[1], params.w_up.shape[0]
+    kept = (ids >= 0).contiguous()
+    local = torch.where(kept, ids, 0).to(torch.int64).contiguous()
+    order, slot_of, counts, _ = _given_order_op(local, kept, e)
+    w_up, w_down, b_up, b_down = (_contig(params.w_up), _contig(params.w_down), _contig(params.b_up),
+                                  _contig(params.b_down))
+    rows, weights = rows.contiguous(), weights.contiguous()
+    save = _wants_grad(rows, weights, w_up, w_down, b_up, b_down)
+    return _ExpertsFunction.apply(rows, weights, None, w_up, w_down, b_up, b_down, order, counts, slot_of,
+                                  activation, k, True, save)
 
 
 # ----------------------------------------------------------------------------------------------------------

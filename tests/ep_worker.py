@@ -13,8 +13,10 @@ single-process reference path.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -127,13 +129,14 @@ def _run(ctx: Ctx, cfg, dtype, params, xs, gs, *, routing=None, ep=None, backend
     return out, x.grad, grads_of, stats, weights
 
 
-def _check(ctx: Ctx, cfg, dtype, params, xs, gs, *, per_rank=False, routing=None, ep=None, backend="auto") -> dict:
+def _check(ctx: Ctx, cfg, dtype, params, xs, gs, *, per_rank=False, routing=None, ep=None, backend="auto",
+           layer=None) -> dict:
     """Run this rank's tokens forward + backward (layer, or functional API with `ep`) and compare with the
     single-process reference on all ranks' tokens: output, x.grad, parameter gradients, and with caller routing
     the routing weights' gradient (it comes back from the experts' ranks)."""
     r = ctx.rank
     out, x_grad, grads_of, stats, weights = _run(ctx, cfg, dtype, params, xs, gs, routing=routing, ep=ep,
-                                                 backend=backend)
+                                                 backend=backend, layer=layer)
     outs, xgrads, pgrads, wgrads = _reference(cfg, params, xs, gs, per_rank, routing, weight_grads=True)
     assert_close(out, outs[r], dtype, f"rank {r} out")
     assert_close(x_grad, xgrads[r], dtype, f"rank {r} x.grad")
@@ -151,7 +154,7 @@ def _check(ctx: Ctx, cfg, dtype, params, xs, gs, *, per_rank=False, routing=None
             total = g.detach().clone()
             dist.all_reduce(total, group=ctx.group)
             assert_close(total, pgrads[name], dtype, f"rank {r} {name}.grad summed over ranks")
-    return {"bytes_sent": stats.bytes_sent, "rows_per_peer": stats.rows_per_peer.tolist()}
+    return {"bytes_sent": int(stats.bytes_sent), "rows_per_peer": stats.rows_per_peer.tolist()}
 
 
 @scenario
@@ -221,7 +224,68 @@ def triton_softmax_fp64(ctx: Ctx):
     # the Triton backend's expert FFN (interpreter) under the transport; top-3 so a rank often holds two or three
     # of a token's experts (reduced there, in slot order); uneven token counts, a rank with few, biases
     cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=3, bias=True)
-    return _check(ctx, cfg, torch.float64, *_data(ctx, cfg, torch.float64, [7, 12, 3, 9], 11), backend="triton")
+    params, xs, gs = _data(ctx, cfg, torch.float64, [7, 12, 3, 9], 11)
+    layer = _layer(ctx, cfg, torch.float64, params, backend="triton", max_tokens_per_rank=16)
+    return _check(ctx, cfg, torch.float64, params, xs, gs, layer=layer)
+
+
+@contextlib.contextmanager
+def _no_host_reads():
+    """Every Tensor.item / tolist / cpu / nonzero and int() / float() / bool() / index of a tensor called from
+    flashmoe_py's own code raises while this is on: the reads that synchronise a GPU's host (Triton's interpreter
+    and the tests may still read)."""
+    names = ["item", "tolist", "cpu", "nonzero", "__int__", "__float__", "__bool__", "__index__"]
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def guard(name, fn):
+        def wrapped(self, *a, **kw):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("flashmoe_py"):
+                raise AssertionError(f"host read Tensor.{name} from {caller} (a host synchronisation on a GPU)")
+            return fn(self, *a, **kw)
+        return wrapped
+
+    for n, fn in saved.items():
+        setattr(torch.Tensor, n, guard(n, fn))
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.Tensor, n, fn)
+
+
+@scenario
+def triton_device_exchange_no_host_sync(ctx: Ctx):
+    # The triton backend over shm runs the device-initiated exchanges (kernels/exchange.py, interpreted, peer
+    # pointers into the shm heap): forward and backward read nothing back to the host from flashmoe_py's code
+    # (_no_host_reads), report host_syncs == 0, and equal the reference, forward and backward (the router's
+    # gradient through the routing weights' gradients that come back), once with the interpreter's programs one
+    # after another and once with them concurrent, as a GPU runs them; bytes_sent is exact. (Caller routing is
+    # validated with one counted host read: all_k_on_one_remote_rank_fp64 runs it.) Other transports: the
+    # host-driven protocol.
+    if ctx.transport != "shm":
+        return {"skipped": "device-initiated exchanges need peer pointers (shm, nvshmem)"}
+    from flashmoe_py import interpreter_threads
+
+    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=3, activation="gelu", bias=True)
+    params, xs, gs = _data(ctx, cfg, torch.float64, [6, 9, 4, 5], 21)
+    owners = [fm.moe(x, params, cfg, backend="reference").routing.topk_ids // ctx.el(cfg) for x in xs]
+    info = {}
+    for mode in ("sequential", "concurrent"):
+        layer = _layer(ctx, cfg, torch.float64, params, backend="triton", max_tokens_per_rank=16)
+        with torch.no_grad():
+            layer(xs[ctx.rank])  # the first call allocates the heap: a barrier, counted
+        assert layer.stats.host_syncs == 1, f"{mode}: the allocating call counted {layer.stats.host_syncs} syncs"
+        with interpreter_threads.concurrent_programs() if mode == "concurrent" else contextlib.nullcontext():
+            with _no_host_reads():
+                _run(ctx, cfg, torch.float64, params, xs, gs, layer=layer)
+            assert layer.stats.host_syncs == 0, f"{mode}: host_syncs {layer.stats.host_syncs}"
+            layer.zero_grad()
+            got = _check(ctx, cfg, torch.float64, params, xs, gs, layer=layer)
+        expect, acc = _expected_bytes(ctx, cfg, owners, 8)
+        assert got["bytes_sent"] == expect, f"{mode}: bytes_sent {got['bytes_sent']} != exact {expect} ({acc})"
+        info[mode] = dict(got, **acc)
+    return info
 
 
 def _pairs(owners: list, world: int) -> list:
@@ -436,16 +500,20 @@ def too_many_tokens(ctx: Ctx):
 @scenario
 def peer_skips_forward(ctx: Ctx):
     # The last rank never sends: every other rank raises ExchangeTimeout within the timeout; the one-sided
-    # transports name the missing peer and slot. The layer gets a group of its own, so the collective the
-    # alltoall ranks leave pending cannot pair with a later collective of the world group.
+    # transports name the missing peer and slot, the device-initiated exchanges (triton over shm) too. Each layer
+    # gets a group of its own, so the collective the alltoall ranks leave pending cannot pair with a later
+    # collective of the world group.
     cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2)
     timeout = 1.5
-    group = dist.new_group(list(range(ctx.world)), timeout=timedelta(seconds=10))
-    layer = fm.FusedMoE(cfg, process_group=group, transport=ctx.transport, dtype=torch.float64,
-                        max_tokens_per_rank=8, timeout_s=timeout)
-    layer(torch.randn(3, H, dtype=torch.float64))  # allocate the heap (collective) with everyone present
     dead = ctx.world - 1
-    if ctx.rank != dead:
+    info = {}
+    for backend in ("reference", "triton") if ctx.transport == "shm" else ("reference",):
+        group = dist.new_group(list(range(ctx.world)), timeout=timedelta(seconds=30))
+        layer = fm.FusedMoE(cfg, process_group=group, transport=ctx.transport, dtype=torch.float64,
+                            max_tokens_per_rank=8, timeout_s=timeout, backend=backend)
+        layer(torch.randn(3, H, dtype=torch.float64))  # allocate the heap (collective) with everyone present
+        if ctx.rank == dead:
+            continue
         start = time.monotonic()
         try:
             layer(torch.randn(3, H, dtype=torch.float64))
@@ -454,11 +522,12 @@ def peer_skips_forward(ctx: Ctx):
             msg = str(err)
             assert f"rank {ctx.rank}" in msg, msg
             if ctx.transport in ONE_SIDED:
-                assert f"peer {dead}" in msg and "slot" in msg, msg
-            assert elapsed < timeout + 5.0, f"timed out after {elapsed:.1f} s, configured {timeout} s"
-            return {"elapsed_s": round(elapsed, 2)}
-        raise AssertionError("no ExchangeTimeout although the last rank skipped its forward")
-    return {}
+                assert f"peer {dead}" in msg and "dispatch slot" in msg, msg
+            assert elapsed < timeout + 5.0, f"{backend}: timed out after {elapsed:.1f} s, configured {timeout} s"
+            info[backend] = {"elapsed_s": round(elapsed, 2)}
+            continue
+        raise AssertionError(f"{backend}: no ExchangeTimeout although the last rank skipped its forward")
+    return info
 
 
 @scenario

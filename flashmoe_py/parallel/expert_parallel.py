@@ -63,6 +63,7 @@ class ExpertParallel:
             from .shm import check_one_node
             check_one_node(process_group)
         self._exchanges: dict = {}
+        self._device_exchanges: dict = {}
         self.backend_state: dict = {}  # what a backend keeps per (dtype, device) here (the fused kernel's heap)
         self.last_bytes_sent = 0
 
@@ -119,6 +120,18 @@ class ExpertParallel:
         from .protocol import OneSidedExchange
         return OneSidedExchange(NvshmemHeap(layout, self.group, device), layout, self.timeout_s)
 
+    def device_exchange_for(self, dtype: torch.dtype, device: torch.device, backend: str):
+        """The device-initiated exchange (device_exchange.py) on the one-sided exchange's heap, or None where the
+        host-driven protocol runs: backends other than `triton`, transports other than `shm` and `nvshmem` (mpi
+        reaches peers only through library calls, alltoall is the baseline), or FLASHMOE_EP_DEVICE_EXCHANGE=0."""
+        if backend != "triton" or self.transport not in ("shm", "nvshmem") or not env.ep_device_exchange():
+            return None
+        key = (dtype, torch.device(device))
+        if key not in self._device_exchanges:
+            from .device_exchange import DeviceExchange
+            self._device_exchanges[key] = DeviceExchange(self.exchange_for(dtype, device))
+        return self._device_exchanges[key]
+
     @property
     def heaps(self) -> list:
         """The symmetric heaps allocated so far (one per dtype/device seen)."""
@@ -128,7 +141,7 @@ class ExpertParallel:
         """Free the heaps (collective)."""
         for ex in self._exchanges.values():
             ex.close()
-        self._exchanges = {}
+        self._exchanges, self._device_exchanges = {}, {}
         for state in self.backend_state.values():
             if getattr(state, "heap", None) is not None:
                 state.heap.close()

@@ -43,7 +43,7 @@ import torch
 from ..config import MoEConfig
 from ..records import MoEOutput, MoEParams, MoEStats, Routing
 from ..reference import shared_expert
-from ..routing import ExpertOrder, route, routing_losses, sort_by_expert
+from ..routing import ExpertOrder, route, router_logits, routing_losses, scores_from_logits, sort_by_expert
 from .expert_parallel import ExpertParallel
 from .layout import DISPATCH, LAST_OF_ROW, RETURN, TOKEN_RANK
 from .protocol import check_send
@@ -407,6 +407,9 @@ def ep_moe_forward(x: torch.Tensor, params: MoEParams, cfg: MoEConfig, routing: 
     per (token, rank) on the one-sided transports, per (token, expert) on alltoall.
     """
     ep.check_tokens(x.shape[0])
+    dex = ep.device_exchange_for(x.dtype, x.device, backend)
+    if dex is not None:
+        return _device_moe_forward(x, params, cfg, routing, ep, dex)
     if routing is None:
         routing = route(x, params.router_weight, params.expert_bias, cfg, params.router_bias)
     exchange = ep.exchange_for(x.dtype, x.device)
@@ -430,3 +433,40 @@ def ep_moe_forward(x: torch.Tensor, params: MoEParams, cfg: MoEConfig, routing: 
                      rows_per_peer=rows_per_peer)
     return MoEOutput(out=out.to(x.dtype), routing=routing, aux_loss=cfg.aux_loss_coef * lb + cfg.z_loss_coef * z,
                      lb_loss=lb, z_loss=z, stats=stats, backend=backend)
+
+
+def _device_moe_forward(x: torch.Tensor, params: MoEParams, cfg: MoEConfig, routing: Routing | None,
+                        ep: ExpertParallel, dex) -> MoEOutput:
+    """ep_moe_forward over device-initiated exchanges (device_forward.py) with the `triton` backend's kernels: the
+    route kernel, the experts on the received rows, no host synchronisation (stats.host_syncs = 0, 1 for the call
+    that allocated the heap; bytes_sent and rows_per_peer are device tensors)."""
+    from .. import triton_backend
+    from .device_forward import device_token_rank_routed
+
+    t, k, e = x.shape[0], cfg.top_k, cfg.num_experts
+    counts_all = None
+    if routing is None and t == 0:  # nothing to route, but the router stays in the graph
+        logits = router_logits(x, params.router_weight, params.router_bias)
+        routing = Routing(torch.zeros(0, k, dtype=torch.int64, device=x.device),
+                          torch.zeros(0, k, dtype=_acc_dtype(x.dtype), device=x.device),
+                          torch.zeros(0, k, dtype=torch.bool, device=x.device), logits,
+                          scores_from_logits(logits, cfg.score_func))
+    elif t:
+        routing, _, _, _, _, counts_all = triton_backend.route_on_device(x.contiguous(), params, cfg, routing)
+    out, bytes_sent, rows_per_peer = device_token_rank_routed(x, routing, params, cfg.activation_key, ep, dex,
+                                                              triton_backend.token_rows_moe)
+    if cfg.num_shared_experts > 0:
+        out = out + shared_expert(x, params, cfg)
+    if counts_all is None and routing.scores is not None:
+        counts_all = torch.zeros(e, dtype=torch.int64, device=x.device).index_add_(
+            0, routing.topk_ids.reshape(-1), torch.ones(routing.topk_ids.numel(), dtype=torch.int64, device=x.device))
+    lb, z = routing_losses(routing, e, counts_all)
+    kept = routing.kept.reshape(-1).to(torch.int64)
+    tokens_per_expert = torch.zeros(e, dtype=torch.int64, device=x.device).index_add_(
+        0, routing.topk_ids.reshape(-1), kept)
+    ep.last_bytes_sent = bytes_sent
+    syncs, dex.setup_syncs = dex.setup_syncs, 0
+    stats = MoEStats(tokens_per_expert=tokens_per_expert, dropped=(1 - kept).sum(), bytes_sent=bytes_sent,
+                     rows_per_peer=rows_per_peer, host_syncs=syncs)
+    return MoEOutput(out=out.to(x.dtype), routing=routing, aux_loss=cfg.aux_loss_coef * lb + cfg.z_loss_coef * z,
+                     lb_loss=lb, z_loss=z, stats=stats, backend="triton")

@@ -1,0 +1,198 @@
+"""Device-initiated exchanges on a `OneSidedExchange`'s heap (kernels/exchange.py): the same `TokenLayout`, packets,
+signal words and sequence numbers as the host-driven protocol (protocol.py), but the puts, signals and waits are
+device programs, and every count stays on the device: no host synchronisation.
+
+Used where the heap reaches its peers through pointers (`SymmetricHeap.peer_address`: shm under the Triton
+interpreter, nvshmem on GPUs) and the backend computes the local experts from device-side counts (the `triton`
+backend: forward.py picks it). The host and device exchanges share the heap and its sequence numbers, so a layer may
+use either per call, as long as every rank uses the same one for the same call.
+
+Differences from the host-driven exchange, all by design:
+- every rank's own packet goes through its own segment too (a local copy), so a receiver treats every source alike;
+- the received rows land in dense per-source blocks of `slab_rows` rows ([W * slab_rows, H], block s from rank s,
+  rows past its count unwritten) instead of being packed: their sizes are known only on the device;
+- `bytes_sent` is a 0-d int64 tensor on the device, exact (reading it is the caller's synchronisation);
+- a wait that times out aborts the exchange and writes the status (pinned host memory on GPUs); the error naming
+  rank, peer and slot is raised by the next exchange on a GPU (reading pinned memory is not a synchronisation), at
+  once under the interpreter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .heap import ExchangeTimeout
+from .layout import REGION_NAMES, SIGNAL_BYTES
+from .protocol import OneSidedExchange
+
+INTERPRETER_SPIN_S = 2e-3  # seconds one spin iteration takes under the interpreter (waits count iterations)
+STATUS = {1: "wait", 3: "count"}
+_BLOCK = 32  # rows (and records) per put program; a launch has cdiv(max(rows, records), _BLOCK) programs per rank
+
+
+def _kernels():
+    from kernels import exchange
+
+    return exchange
+
+
+class DeviceExchange:
+    """Device-initiated puts and collects on `host`'s heap (its layout and sequence numbers). Not thread-safe."""
+
+    def __init__(self, host: OneSidedExchange):
+        heap, lay = host.heap, host.layout
+        addresses = [heap.peer_address(p) for p in range(host.world_size)]
+        if any(a is None for a in addresses):
+            raise ValueError(f"transport {heap.name!r}: device-initiated exchanges need peers reachable by pointers")
+        self.host, self.heap, self.layout = host, heap, lay
+        self.rank, self.world_size = host.rank, host.world_size
+        self.segment = heap.local(0, lay.size)
+        self.device = self.segment.device
+        self._addresses = addresses
+        self._views: dict = {}
+        gpu = self.device.type == "cuda"
+        self.sync = torch.zeros(8, dtype=torch.int32, device=self.device)  # word 1: abort (kernels/signals.py)
+        self.clock = torch.zeros(self.world_size, dtype=torch.int32, device=self.device)
+        self.status = torch.zeros(8, dtype=torch.int64, pin_memory=gpu)
+        self._status = self.status.numpy()  # host memory read as host memory: never a device synchronisation
+        self.timer = gpu
+        self.setup_syncs = 1  # the heap's allocation waited for every rank (a barrier): counted by the first call
+        self.limit = (min(int(host.timeout_s * 1e9) >> 10, 2**31 - 1) if gpu else
+                      max(1, int(host.timeout_s / INTERPRETER_SPIN_S)))
+
+    def view(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this rank's segment as `dtype` [size / itemsize], deltas [W] int64: a peer's copy of element i is at
+        element i + deltas[peer] of that view)."""
+        if dtype not in self._views:
+            item = torch.empty((), dtype=dtype).element_size()
+            me = self._addresses[self.rank]
+            deltas = torch.tensor([(a - me) // item for a in self._addresses], dtype=torch.int64, device=self.device)
+            self._views[dtype] = (self.segment.view(dtype), deltas)
+        return self._views[dtype]
+
+    def check(self) -> None:
+        """Raise the error of an earlier exchange that gave up waiting (no synchronisation: the status is host
+        memory the kernel wrote)."""
+        if self.host.failed is not None:
+            raise RuntimeError(f"rank {self.rank}: an earlier exchange failed ({self.host.failed}); the heap's "
+                               "sequence numbers no longer agree across ranks: recreate the layer on every rank")
+        code = int(self._status[0])
+        if not code:
+            return
+        _, rank, peer, region, _, expected, seen = (int(v) for v in self._status[:7])
+        if code == 1:
+            self.host.failed = (f"rank {rank}: timed out after {self.host.timeout_s:g} s waiting for peer {peer}: "
+                                f"{REGION_NAMES[region]} slot (src={peer}: its packet of rows for rank {rank}) "
+                                f"expected sequence {expected}, saw {seen >> 32}. The peer is dead, slow, or skipped "
+                                "an exchange (every rank must run each forward and backward of the layer)")
+            raise ExchangeTimeout(self.host.failed)
+        self.host.failed = (f"rank {rank}: peer {peer} signalled {seen & ((1 << 31) - 1)} rows in the "
+                            f"{REGION_NAMES[region]} region, more than its {expected}-row slab")
+        raise RuntimeError(self.host.failed)
+
+    def _next_seq(self, region: int) -> int:
+        seq = self.host._next_seq(region)
+        self.host.seq[region] = seq
+        self.heap.write_local_word(self.layout.seq_offset(region), seq)
+        return seq
+
+    def put(self, region: int, src: torch.Tensor, dest_row: torch.Tensor, counts: torch.Tensor,
+            records: tuple | None = None) -> torch.Tensor:
+        """Send rows (and records) to every rank, this one included (collective with `collect`).
+
+        src [R, H] layer dtype; dest_row [R, W] int32: the row of src's row r in rank d's packet, -1 where it is
+        not sent to d; counts [W] int32: rows each rank gets (the number of dest_row entries >= 0 in its column);
+        records: None or (values [Q] weight dtype, codes [Q] int32 or None, dest [Q] int32 rank or -1, at [Q]
+        int32 index in that rank's packet) -> bytes put to other ranks (0-d int64 tensor on the device).
+        """
+        self.check()
+        lay, w, me = self.layout, self.world_size, self.rank
+        if src.dim() != 2 or src.shape[1] * src.element_size() != lay.row_bytes:
+            raise ValueError(f"src: expected [R, H] rows of {lay.row_bytes} bytes, got {tuple(src.shape)} "
+                             f"{src.dtype}")
+        seq = self._next_seq(region)
+        rows_view, rows_delta = self.view(src.dtype)
+        words_view, words_delta = self.view(torch.int64)
+        src, dest_row = src.contiguous(), dest_row.contiguous()
+        num_rows = src.shape[0]
+        has_rec = records is not None
+        if has_rec:
+            vals, codes, rec_dest, rec_at = (None if t is None else t.contiguous() for t in records)
+            vals_view, vals_delta = self.view(vals.dtype)
+            codes_view, codes_delta = self.view(torch.int32)
+            num_rec = vals.shape[0]
+        else:
+            vals = codes = rec_dest = rec_at = None
+            vals_view, vals_delta, codes_view, codes_delta = rows_view, rows_delta, rows_view, rows_delta
+            num_rec = 0
+        nb = max(1, -(-max(num_rows, num_rec) // _BLOCK))
+        ticket = torch.zeros(w, dtype=torch.int32, device=self.device)
+        item = src.element_size()
+        vitem = 4 if vals is None else vals.element_size()
+        _kernels().put_packets_kernel[(nb, w)](
+            src, dest_row, counts, vals, codes, rec_dest, rec_at,
+            rows_view, rows_delta, vals_view, vals_delta, codes_view, codes_delta, words_view, words_delta, ticket,
+            num_rows, num_rec, src.shape[1], seq, lay.data_offset(region, me) // item,
+            lay.meta_offset(region, me, 0) // vitem, lay.meta_offset(region, me, 1) // 4,
+            lay.signal_offset(region, me) // 8, nb,
+            W=w, HAS_REC=has_rec, HAS_CODE=codes is not None, BR=_BLOCK, BH=min(64, _pow2(src.shape[1])),
+            BQ=_BLOCK)
+        others = torch.ones(w, dtype=torch.int64, device=self.device)
+        others[me] = 0
+        sent = (counts.to(torch.int64) * others).sum() * lay.row_bytes + (w - 1) * SIGNAL_BYTES
+        if has_rec:
+            per_rank = torch.zeros(w + 1, dtype=torch.int64, device=self.device).index_add_(
+                0, (rec_dest.to(torch.int64) + w + 1) % (w + 1), torch.ones_like(rec_dest, dtype=torch.int64))[:w]
+            sent = sent + (per_rank * others).sum() * (vitem + (4 if codes is not None else 0))
+        return sent
+
+    def collect(self, region: int, dtype: torch.dtype, hidden: int, top_k: int, records: str | None = None,
+                weight_dtype: torch.dtype = torch.float32, known_records: torch.Tensor | None = None) -> dict:
+        """Wait for every rank's packet of the exchange `put` started and copy it out (collective).
+
+        -> dict with rows [W * slab_rows, H] dtype (block s from rank s, rows past counts[s] unwritten) and counts
+        [W] int32; records="flagged" (forward dispatch) adds weights [W * slab_rows, k] weight_dtype, ids
+        [W * slab_rows, k] int32 (-1 past a row's records), rec_index [W * slab_rows, k] int32 (each slot's record
+        index in its packet) and rec_counts [W] int32; records="known" adds values [W, slab_records] weight_dtype,
+        known_records[s] of them from rank s.
+        """
+        lay, w = self.layout, self.world_size
+        seq = self.host.seq[region]  # the put of this exchange advanced it
+        rows_view, _ = self.view(dtype)
+        words_view, _ = self.view(torch.int64)
+        rows = torch.empty(w * lay.slab_rows, hidden, dtype=dtype, device=self.device)
+        counts = torch.empty(w, dtype=torch.int32, device=self.device)
+        out = dict(rows=rows, counts=counts)
+        vitem = torch.empty((), dtype=weight_dtype).element_size()
+        vals_view, _ = self.view(weight_dtype)
+        codes_view, _ = self.view(torch.int32)
+        if records == "flagged":
+            vals = torch.zeros(w * lay.slab_rows, top_k, dtype=weight_dtype, device=self.device)
+            ids = torch.full((w * lay.slab_rows, top_k), -1, dtype=torch.int32, device=self.device)
+            rec_index = torch.zeros(w * lay.slab_rows, top_k, dtype=torch.int32, device=self.device)
+            rec_counts = torch.empty(w, dtype=torch.int32, device=self.device)
+            out.update(weights=vals, ids=ids, rec_index=rec_index, rec_counts=rec_counts)
+        elif records == "known":
+            vals = torch.zeros(w, lay.slab_records, dtype=weight_dtype, device=self.device)
+            ids = rec_index = None
+            rec_counts = known_records.to(torch.int32).contiguous()
+            out.update(values=vals)
+        else:
+            vals = ids = rec_index = rec_counts = None
+        item = torch.empty((), dtype=dtype).element_size()
+        _kernels().collect_kernel[(w,)](
+            rows, counts, vals, ids, rec_index, rec_counts, rows_view, vals_view, codes_view, words_view, self.sync,
+            self.clock, self.status.data_ptr(), hidden, self.rank, seq, region, self.limit,
+            lay.data_offset(region, 0) // item, lay.slab_bytes // item, lay.meta_offset(region, 0, 0) // vitem,
+            lay.meta_offset(region, 0, 1) // 4, lay.meta_slab_bytes // vitem, lay.meta_slab_bytes // 4,
+            lay.signal_offset(region, 0) // 8,
+            lay.slab_rows, lay.slab_records,
+            K=top_k, HAS_REC=records is not None, FLAGGED=records == "flagged", USE_TIMER=self.timer, LANES=128,
+            BR=_BLOCK, BH=min(64, _pow2(hidden)), BQ=_BLOCK)
+        if not self.timer:
+            self.check()  # free under the interpreter: the launch has finished
+        return out
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
