@@ -614,8 +614,9 @@ class _FusedFunction(torch.autograd.Function):
                 grad_out, x, weights, order, counts.to(torch.int32), slot_of, w_up, w_down, b_up, b_down, h, pre,
                 cfg.activation_key, k, cfg.deterministic, need[0], need[1], need_dparams)
         else:
-            dx, dweights, dw_up, dw_down, db_up, db_down = _ep_backward(run, grad_out, x, weights, order, slot_of,
-                                                                        counts, w_up, w_down, b_up, b_down, need)
+            dx, dweights, dw_up, dw_down, db_up, db_down = _ep_backward(run, grad_out, x, weights, ids, order,
+                                                                        slot_of, counts, w_up, w_down, b_up, b_down,
+                                                                        need)
         d_route = None
         if need[1]:
             if run.call.routing_mode == "given":
@@ -632,26 +633,31 @@ class _FusedFunction(torch.autograd.Function):
                 None)
 
 
-def _ep_backward(run: _Run, grad_out, x, weights, order, slot_of, counts, w_up, w_down, b_up, b_down, need):
-    """Recompute the routed part through the transport's host-driven exchanges and the Triton backend's expert
-    FFN, then differentiate it (every rank must run backward: the exchanges are collective)."""
+def _ep_backward(run: _Run, grad_out, x, weights, ids, order, slot_of, counts, w_up, w_down, b_up, b_down, need):
+    """Recompute the routed part through the transport's exchanges and the Triton backend's experts, then
+    differentiate it (every rank must run backward: the exchanges are collective). Over shm and nvshmem the
+    exchanges are device-initiated, one row per (token, rank) (parallel/device_forward.py: no host
+    synchronisation); elsewhere the host-driven per-(token, expert) rows of `exchange_experts`."""
     from . import triton_backend
-    from .parallel.forward import combine, exchange_experts
 
     cfg, ep = run.cfg, run.ep
     k = cfg.top_k
+    dex = ep.device_exchange_for(x.dtype, x.device, "triton")
     with torch.enable_grad():
         x_l = x.detach().requires_grad_(need[0])
         w_l = weights.detach().requires_grad_(need[1])
         leaves = [None if p is None else p.detach().requires_grad_(n) for p, n in zip((w_up, w_down, b_up, b_down),
                                                                                    need[3:7])]
-        send_counts = counts.view(ep.world_size, ep.num_local_experts).cpu()  # the unfused path's host sync
-        order64 = order[:int(send_counts.sum())].long()  # past the kept rows (capacity) order is unwritten
-        send_rows = x_l.index_select(0, order64 // k)
-        exchange = ep.exchange_for(x.dtype, x.device)
-        y_rows, _ = exchange_experts(send_rows, send_counts, exchange, triton_backend.expert_ffn, cfg.activation_key,
-                                     *leaves)
-        routed = combine(y_rows, ExpertOrder(order64, counts, slot_of.long()), w_l, cfg.deterministic)
+        if dex is not None:
+            from .parallel.device_forward import device_token_rank_routed
+
+            routing = Routing(ids, w_l, slot_of.view(ids.shape) >= 0)
+            params = MoEParams(router_weight=None, w_up=leaves[0], w_down=leaves[1], b_up=leaves[2],
+                               b_down=leaves[3])
+            routed, _, _ = device_token_rank_routed(x_l, routing, params, cfg.activation_key, ep, dex,
+                                                    triton_backend.token_rows_moe)
+        else:
+            routed = _ep_routed_host(x_l, w_l, leaves, order, slot_of, counts, k, cfg, ep)
         inputs = [t for t in (x_l, w_l, *leaves) if t is not None and t.requires_grad]
         grads = torch.autograd.grad(routed, inputs, grad_out.to(routed.dtype), allow_unused=True)
     found = iter(grads)
@@ -665,6 +671,20 @@ def _ep_backward(run: _Run, grad_out, x, weights, order, slot_of, counts, w_up, 
     dx, dweights = take(x_l), take(w_l)
     dw_up, dw_down, db_up, db_down = (take(t) for t in leaves)
     return dx, dweights, dw_up, dw_down, db_up, db_down
+
+
+def _ep_routed_host(x_l, w_l, leaves, order, slot_of, counts, k, cfg, ep):
+    """The routed part of the fused forward recomputed over the host-driven exchanges (differentiable)."""
+    from . import triton_backend
+    from .parallel.forward import combine, exchange_experts
+
+    send_counts = counts.view(ep.world_size, ep.num_local_experts).cpu()  # the unfused path's host sync
+    order64 = order[:int(send_counts.sum())].long()  # past the kept rows (capacity) order is unwritten
+    send_rows = x_l.index_select(0, order64 // k)
+    exchange = ep.exchange_for(x_l.dtype, x_l.device)
+    y_rows, _ = exchange_experts(send_rows, send_counts, exchange, triton_backend.expert_ffn, cfg.activation_key,
+                                 *leaves)
+    return combine(y_rows, ExpertOrder(order64, counts, slot_of.long()), w_l, cfg.deterministic)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -88,6 +88,11 @@ FUSED_CASES = (
     ("fused-ep8", dict(activation="swiglu"), 2048, 8, "nvshmem", "compute", False, ("bf16",), ("sm_90",)),
 )
 
+# The device-initiated exchanges of the triton backend's expert parallelism (parallel/device_exchange.py): one forward
+# and backward's put and collect launches at (case, world size, tokens per rank, hidden size, top_k), DeepSeek-V3's
+# layer over 8 ranks.
+EXCHANGE_CASES = (("ep-exchange", 8, 4096, 7168, 8),)
+
 
 def case_configs(overrides: dict) -> list:
     """The MoEConfigs of one case: BENCH_SHAPE with the overrides, once per activation it lists (in that order)."""
@@ -119,6 +124,16 @@ def _plan(target: str):
                 for launch in plan_fused(cfg, torch_dtype[dtype], tokens, target, world, puts, mode, save):
                     name = f"{launch.name}:{cfg.activation}"  # one launch per activation: say which
                     jobs.append((case, dtype, name, launch.tags, _job(launch, target)))
+    from .parallel.device_exchange import plan_launches as plan_exchange
+
+    for case, world, tokens, hidden, top_k in EXCHANGE_CASES:
+        for dtype in DTYPES:
+            for launch in plan_exchange(torch_dtype[dtype], world, tokens, hidden, top_k):
+                job = _job(launch, target)
+                key = (job["kernel"], repr(job["signature"]), repr(job["constexprs"]))
+                if key not in seen:
+                    seen.add(key)
+                    jobs.append((case, dtype, launch.name, launch.tags, job))
     for dtype in DTYPES:
         for case, overrides, tokens, backward, rows_mode, given in CASES:
             for i, cfg in enumerate(case_configs(overrides)):

@@ -33,7 +33,8 @@ _ST_WAIT = tl.constexpr(1)  # status codes, named by device_exchange.STATUS
 _ST_COUNT = tl.constexpr(3)
 
 
-@triton.jit
+# seq changes every exchange: one compiled variant for every value (the JIT would specialise seq == 1 on its own).
+@triton.jit(do_not_specialize=["seq"])
 def put_packets_kernel(src_ptr, dest_row_ptr, counts_ptr, rec_val_ptr, rec_code_ptr, rec_dest_ptr, rec_at_ptr,
                        heap_rows_ptr, rows_delta_ptr, heap_vals_ptr, vals_delta_ptr, heap_codes_ptr, codes_delta_ptr,
                        heap_words_ptr, words_delta_ptr, ticket_ptr,
@@ -72,7 +73,7 @@ def put_packets_kernel(src_ptr, dest_row_ptr, counts_ptr, rec_val_ptr, rec_code_
         tl.atomic_xchg(heap_words_ptr + tl.load(words_delta_ptr + d) + sig_idx, word, sem="release", scope="sys")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq"])
 def collect_kernel(out_rows_ptr, counts_out_ptr, out_vals_ptr, out_ids_ptr, rec_index_ptr, rec_counts_ptr,
                    heap_rows_ptr, heap_vals_ptr, heap_codes_ptr, heap_words_ptr, sync_ptr, clock_ptr, status_addr,
                    H, me, seq, region, limit, data0, slab_elems, vals0, codes0, vals_stride, codes_stride, sig0,

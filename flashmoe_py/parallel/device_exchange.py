@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import torch
 
-from .heap import ExchangeTimeout
-from .layout import REGION_NAMES, SIGNAL_BYTES
+from ..triton_backend import Launch, _run
+from .heap import ExchangeTimeout, SymmetricHeap
+from .layout import DISPATCH, REGION_NAMES, RETURN, SIGNAL_BYTES, TokenLayout
 from .protocol import OneSidedExchange
 
 INTERPRETER_SPIN_S = 2e-3  # seconds one spin iteration takes under the interpreter (waits count iterations)
 STATUS = {1: "wait", 3: "count"}
 _BLOCK = 32  # rows (and records) per put program; a launch has cdiv(max(rows, records), _BLOCK) programs per rank
+_WARPS = 4
 
 
 def _kernels():
@@ -55,6 +57,7 @@ class DeviceExchange:
         self.clock = torch.zeros(self.world_size, dtype=torch.int32, device=self.device)
         self.status = torch.zeros(8, dtype=torch.int64, pin_memory=gpu)
         self._status = self.status.numpy()  # host memory read as host memory: never a device synchronisation
+        self.status_addr = self.status.data_ptr()
         self.timer = gpu
         self.setup_syncs = 1  # the heap's allocation waited for every rank (a barrier): counted by the first call
         self.limit = (min(int(host.timeout_s * 1e9) >> 10, 2**31 - 1) if gpu else
@@ -129,14 +132,17 @@ class DeviceExchange:
         ticket = torch.zeros(w, dtype=torch.int32, device=self.device)
         item = src.element_size()
         vitem = 4 if vals is None else vals.element_size()
-        _kernels().put_packets_kernel[(nb, w)](
-            src, dest_row, counts, vals, codes, rec_dest, rec_at,
-            rows_view, rows_delta, vals_view, vals_delta, codes_view, codes_delta, words_view, words_delta, ticket,
-            num_rows, num_rec, src.shape[1], seq, lay.data_offset(region, me) // item,
-            lay.meta_offset(region, me, 0) // vitem, lay.meta_offset(region, me, 1) // 4,
-            lay.signal_offset(region, me) // 8, nb,
-            W=w, HAS_REC=has_rec, HAS_CODE=codes is not None, BR=_BLOCK, BH=min(64, _pow2(src.shape[1])),
-            BQ=_BLOCK)
+        args = dict(src_ptr=src, dest_row_ptr=dest_row, counts_ptr=counts, rec_val_ptr=vals, rec_code_ptr=codes,
+                    rec_dest_ptr=rec_dest, rec_at_ptr=rec_at, heap_rows_ptr=rows_view, rows_delta_ptr=rows_delta,
+                    heap_vals_ptr=vals_view, vals_delta_ptr=vals_delta, heap_codes_ptr=codes_view,
+                    codes_delta_ptr=codes_delta, heap_words_ptr=words_view, words_delta_ptr=words_delta,
+                    ticket_ptr=ticket, R=num_rows, Q=num_rec, H=src.shape[1], seq=seq,
+                    data_off=lay.data_offset(region, me) // item, vals_off=lay.meta_offset(region, me, 0) // vitem,
+                    codes_off=lay.meta_offset(region, me, 1) // 4, sig_idx=lay.signal_offset(region, me) // 8, NB=nb)
+        constexprs = dict(W=w, HAS_REC=has_rec, HAS_CODE=codes is not None, BR=_BLOCK,
+                          BH=min(64, _pow2(src.shape[1])), BQ=_BLOCK)
+        name = "put" + ("[records]" if has_rec else "")
+        _run(Launch(name, _kernels().put_packets_kernel, (nb, w), args, constexprs, _WARPS))
         others = torch.ones(w, dtype=torch.int64, device=self.device)
         others[me] = 0
         sent = (counts.to(torch.int64) * others).sum() * lay.row_bytes + (w - 1) * SIGNAL_BYTES
@@ -180,18 +186,71 @@ class DeviceExchange:
         else:
             vals = ids = rec_index = rec_counts = None
         item = torch.empty((), dtype=dtype).element_size()
-        _kernels().collect_kernel[(w,)](
-            rows, counts, vals, ids, rec_index, rec_counts, rows_view, vals_view, codes_view, words_view, self.sync,
-            self.clock, self.status.data_ptr(), hidden, self.rank, seq, region, self.limit,
-            lay.data_offset(region, 0) // item, lay.slab_bytes // item, lay.meta_offset(region, 0, 0) // vitem,
-            lay.meta_offset(region, 0, 1) // 4, lay.meta_slab_bytes // vitem, lay.meta_slab_bytes // 4,
-            lay.signal_offset(region, 0) // 8,
-            lay.slab_rows, lay.slab_records,
-            K=top_k, HAS_REC=records is not None, FLAGGED=records == "flagged", USE_TIMER=self.timer, LANES=128,
-            BR=_BLOCK, BH=min(64, _pow2(hidden)), BQ=_BLOCK)
+        args = dict(out_rows_ptr=rows, counts_out_ptr=counts, out_vals_ptr=vals, out_ids_ptr=ids,
+                    rec_index_ptr=rec_index, rec_counts_ptr=rec_counts, heap_rows_ptr=rows_view,
+                    heap_vals_ptr=vals_view, heap_codes_ptr=codes_view, heap_words_ptr=words_view,
+                    sync_ptr=self.sync, clock_ptr=self.clock, status_addr=self.status_addr, H=hidden, me=self.rank,
+                    seq=seq, region=region, limit=self.limit, data0=lay.data_offset(region, 0) // item,
+                    slab_elems=lay.slab_bytes // item, vals0=lay.meta_offset(region, 0, 0) // vitem,
+                    codes0=lay.meta_offset(region, 0, 1) // 4, vals_stride=lay.meta_slab_bytes // vitem,
+                    codes_stride=lay.meta_slab_bytes // 4, sig0=lay.signal_offset(region, 0) // 8,
+                    slab_rows=lay.slab_rows, slab_records=lay.slab_records)
+        constexprs = dict(K=top_k, HAS_REC=records is not None, FLAGGED=records == "flagged", USE_TIMER=self.timer,
+                          LANES=32 * _WARPS, BR=_BLOCK, BH=min(64, _pow2(hidden)), BQ=_BLOCK)
+        _run(Launch(f"collect[{records or 'rows'}]", _kernels().collect_kernel, (w,), args, constexprs, _WARPS))
         if not self.timer:
             self.check()  # free under the interpreter: the launch has finished
         return out
+
+
+class _PlanHeap(SymmetricHeap):
+    """A heap of meta tensors at made-up addresses: what `plan_launches` runs DeviceExchange's host code on."""
+
+    name = "plan"
+
+    def __init__(self, layout: TokenLayout, rank: int, world_size: int):
+        super().__init__(layout, rank, world_size)
+        self._segment = torch.empty(layout.size, dtype=torch.uint8, device="meta")
+
+    def put(self, peer, offset, data):
+        raise AssertionError("planning only")
+
+    signal = wait = put
+
+    def local(self, offset: int, nbytes: int) -> torch.Tensor:
+        return self._segment[offset:offset + nbytes]
+
+    def peer_address(self, peer: int) -> int:
+        return (1 << 40) + peer * (1 << 34)
+
+    def write_local_word(self, offset: int, value: int) -> None:
+        pass
+
+
+def plan_launches(dtype: torch.dtype, world: int, tokens: int, hidden: int, top_k: int) -> list:
+    """The launches of one forward and backward over device-initiated exchanges (W ranks, `tokens` per rank, the
+    heap sized for them), recorded on meta tensors for the compile gate, as a GPU would launch them."""
+    from ..triton_backend import recording
+
+    lay = TokenLayout.for_layer(world, top_k, tokens, hidden, dtype.itemsize, 8 if dtype == torch.float64 else 4)
+    dex = DeviceExchange(OneSidedExchange(_PlanHeap(lay, 0, world), lay, 60.0))
+    dex.timer, dex.limit = True, 1 << 30
+    wdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    meta = dict(device="meta")
+    x = torch.empty(tokens, hidden, dtype=dtype, **meta)
+    table = torch.empty(tokens, world, dtype=torch.int32, **meta)
+    counts = torch.empty(world, dtype=torch.int32, **meta)
+    q = tokens * top_k
+    records = (torch.empty(q, dtype=wdtype, **meta), torch.empty(q, dtype=torch.int32, **meta),
+               torch.empty(q, dtype=torch.int32, **meta), torch.empty(q, dtype=torch.int32, **meta))
+    with recording("plan") as launches:
+        dex.put(DISPATCH, x, table, counts, records)
+        dex.collect(DISPATCH, dtype, hidden, top_k, "flagged", wdtype)
+        dex.put(RETURN, x, table, counts)
+        dex.collect(RETURN, dtype, hidden, top_k)
+        dex.put(RETURN, x, table, counts, (records[0], None, records[2], records[3]))
+        dex.collect(RETURN, dtype, hidden, top_k, "known", wdtype, counts)
+    return launches
 
 
 def _pow2(n: int) -> int:
