@@ -481,3 +481,46 @@ def test_nvshmem_heap_put_signal_wait_to_self(tmp_path, seed):
     missing, _ = heap.wait(lay.signal_offset(RETURN, 0), 3, 1, 0.2)
     assert missing == 0 and time.monotonic() - start < 5.0
     heap.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_triton_over_nvshmem_never_synchronises(tmp_path, seed):
+    # World size 1 on one GPU, the triton backend over nvshmem: the device-initiated exchanges (kernels/exchange.py)
+    # put into and collect from this rank's own segment. After the call that allocates the heap, a forward and a
+    # backward run under torch.cuda.set_sync_debug_mode("error"), which raises at any synchronising CUDA call, report
+    # host_syncs == 0, and equal the reference.
+    import torch.distributed as dist
+
+    from tests.tolerances import assert_close
+
+    reason = transports.unavailable_reason("nvshmem", torch.device("cuda"))
+    if reason:
+        pytest.skip(reason)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    cfg = fm.MoEConfig(hidden_size=64, ffn_hidden_size=32, num_experts=8, top_k=3, bias=True)
+    params = random_params(cfg, torch.float32, device="cuda")
+    layer = fm.FusedMoE(cfg, process_group=dist.group.WORLD, transport="nvshmem", device="cuda", dtype=torch.float32,
+                        backend="triton", max_tokens_per_rank=64)
+    with torch.no_grad():
+        for name, t in params.items():
+            getattr(layer, name).copy_(t)
+        layer(torch.randn(37, 64, device="cuda"))  # allocates the heap: a barrier, counted
+    assert layer.stats.host_syncs == 1
+    x = torch.randn(37, 64, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = layer(x)
+        y.square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert layer.stats.host_syncs == 0
+    x_ref = x.detach().clone().requires_grad_()
+    ref = fm.moe(x_ref, params, cfg, backend="reference").out
+    ref.square().sum().backward()
+    tol = "tf32" if torch.backends.cuda.matmul.allow_tf32 else torch.float32
+    assert_close(y, ref, tol, "out")
+    assert_close(x.grad, x_ref.grad, tol, "x.grad")
+    assert int(layer.stats.bytes_sent) == 0, "nothing crosses the wire with one rank"

@@ -24,6 +24,10 @@ gradient of each slot's routing weight (the dot of the row's output gradient wit
 which go back (RETURN: one row per (token, rank) plus one weight gradient per record); the token's rank sums its rows'
 gradients over ranks in rank order and hands the weight gradients to the router's graph.
 
+Over shm and nvshmem the `triton` backend runs this protocol with device-initiated exchanges instead
+(device_forward.py, device_exchange.py: the same packets, records, summation orders and bytes, every count on the
+device, no host synchronisation); this module's host-driven exchanges serve the other backends and mpi.
+
 `alltoall` (AllToAllExchange) is the baseline with Megatron's all-to-all dispatcher's unit: one row per
 (token, expert). Its pipeline: sort the kept assignments by global expert, which is also (owner rank, local
 expert) order; send_rows [S, H] peer-major then expert-major, send_counts [W, E_local]; DISPATCH -> recv rows

@@ -22,8 +22,10 @@ Invariants, as DESIGN §5 numbers them:
    two ranks: a rank writes its next packet into a slab only after it received the peer's reply to the previous
    one, which the peer sends only after it copied that packet out.
 4. no host sync on GPUs: NOT met by this host-driven protocol, which reads the counts on the host to size
-   its copies (free on CPU heaps, one sync per exchange on the nvshmem heap). The fused kernel of DESIGN §6 is
-   the path meant to meet it, putting rows and signals from the device (into its own per-expert HeapLayout).
+   its copies (free on CPU heaps, one sync per exchange on the nvshmem heap). device_exchange.py runs the same
+   exchanges from device kernels on the same heap, counts on the device (the `triton` backend and the fused
+   backend's backward over shm and nvshmem use it), and the fused kernel of DESIGN §6 puts its rows and signals
+   from the device into its own per-expert HeapLayout.
 5. every wait has a deadline; `ExchangeTimeout` names the rank, the peer and the slot (the peer's packet).
 6. packets are checked against the slab size before anything is written (`HeapOverflow`), and counts read
    from signal words are checked again before rows are read.
