@@ -1,6 +1,7 @@
 """Triton device code of flashmoe_py, installed as `flashmoe_py.kernels` (never as a top-level package).
 
-Only `flashmoe_py.triton_backend` imports this package; it launches the kernels and owns all host logic.
+Only `flashmoe_py.triton_backend` imports this package (and fused_moe.py and exchange.py, below, have one
+importer each); they launch the kernels and own all host logic.
 Whether the kernels run compiled or in Triton's CPU interpreter is fixed when this package is first
 imported (Triton reads TRITON_INTERPRET when `@triton.jit` decorates a function).
 
@@ -11,6 +12,9 @@ imported (Triton reads TRITON_INTERPRET when `@triton.jit` decorates a function)
   configs.py   launch-configuration tables per target and regime
   fused_moe.py the persistent fused kernel (DESIGN §6); not imported here: flashmoe_py.fused_backend is its
                only importer, so the Triton backend never compiles or loads it
+  exchange.py  the device-initiated expert-parallel exchanges (puts, collects); not imported here: its only
+               importer is flashmoe_py.parallel.device_exchange
+  signals.py   the waits on signal words and the abort path, shared by fused_moe.py and exchange.py
   nvshmem.py, nvshmem_shim.ll  NVSHMEM device calls for Triton (extern wrappers over the device bitcode)
 """
 

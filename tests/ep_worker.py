@@ -338,28 +338,34 @@ def bytes_exact_k3_h128_fp32(ctx: Ctx):
     # and one back per (token, remote rank), a weight and an expert id per remote assignment) plus two signal words
     # per peer; alltoall one row per (token, expert) plus its count words. Two runs give the same bits, forward and
     # backward.
+    # The triton backend too on the one-sided transports (device-initiated exchanges over shm, host-driven over mpi).
     cfg = fm.MoEConfig(hidden_size=128, ffn_hidden_size=FFN, num_experts=E, top_k=3)
     params, xs, gs = _data(ctx, cfg, torch.float32, [9, 4, 11, 6], 6)
-    layer = _layer(ctx, cfg, torch.float32, params)
-    runs = []
-    for _ in range(2):
-        layer.zero_grad()
-        out, x_grad, grads_of, _, _ = _run(ctx, cfg, torch.float32, params, xs, gs, layer=layer)
-        runs.append([out.detach(), x_grad] + [p.grad.clone() for p in grads_of.values()])
-    names = ["out", "x.grad"] + [f"{n}.grad" for n in grads_of]
-    for name, a, b in zip(names, *runs):
-        assert torch.equal(a, b), f"{name}: two runs differ"
     el = ctx.el(cfg)
     owners = [fm.moe(x, params, cfg, backend="reference").routing.topk_ids // el for x in xs]
     expect, info = _expected_bytes(ctx, cfg, owners, 4)
-    assert layer.stats.bytes_sent == expect, f"bytes_sent {layer.stats.bytes_sent} != exact {expect} ({info})"
-    total = torch.tensor([float(layer.stats.bytes_sent)])
-    dist.all_reduce(total, group=ctx.group)
-    assert int(total) == info["wire_total"], f"total bytes {int(total)} != {info}"
     rows = _pairs(owners, ctx.world)[ctx.rank].sum(0) if ctx.transport in ONE_SIDED else \
         torch.bincount(owners[ctx.rank].reshape(-1), minlength=ctx.world)
-    assert layer.stats.rows_per_peer.tolist() == rows.tolist(), f"rows_per_peer {layer.stats.rows_per_peer} != {rows}"
-    return dict(info, bytes_sent=layer.stats.bytes_sent, rows_per_peer=rows.tolist())
+    found = {}
+    for backend in ("reference", "triton") if ctx.transport in ONE_SIDED else ("reference",):
+        layer = _layer(ctx, cfg, torch.float32, params, backend=backend, max_tokens_per_rank=16)
+        runs = []
+        for _ in range(2):
+            layer.zero_grad()
+            out, x_grad, grads_of, _, _ = _run(ctx, cfg, torch.float32, params, xs, gs, layer=layer)
+            runs.append([out.detach(), x_grad] + [p.grad.clone() for p in grads_of.values()])
+        names = ["out", "x.grad"] + [f"{n}.grad" for n in grads_of]
+        for name, a, b in zip(names, *runs):
+            assert torch.equal(a, b), f"{backend}: {name}: two runs differ"
+        sent = int(layer.stats.bytes_sent)
+        assert sent == expect, f"{backend}: bytes_sent {sent} != exact {expect} ({info})"
+        total = torch.tensor([float(sent)])
+        dist.all_reduce(total, group=ctx.group)
+        assert int(total) == info["wire_total"], f"{backend}: total bytes {int(total)} != {info}"
+        got_rows = layer.stats.rows_per_peer.tolist()
+        assert got_rows == rows.tolist(), f"{backend}: rows_per_peer {got_rows} != {rows}"
+        found[backend] = sent
+    return dict(info, bytes_sent=found, rows_per_peer=rows.tolist())
 
 
 @scenario
@@ -523,7 +529,10 @@ def peer_skips_forward(ctx: Ctx):
             assert f"rank {ctx.rank}" in msg, msg
             if ctx.transport in ONE_SIDED:
                 assert f"peer {dead}" in msg and "dispatch slot" in msg, msg
-            assert elapsed < timeout + 5.0, f"{backend}: timed out after {elapsed:.1f} s, configured {timeout} s"
+            # the interpreted device wait counts polls (device_exchange.INTERPRETER_SPIN_S each), which take longer
+            # on a loaded machine: a looser bound there, still far from a hang
+            bound = timeout + 5.0 if backend == "reference" else 4 * timeout + 5.0
+            assert elapsed < bound, f"{backend}: timed out after {elapsed:.1f} s, configured {timeout} s"
             info[backend] = {"elapsed_s": round(elapsed, 2)}
             continue
         raise AssertionError(f"{backend}: no ExchangeTimeout although the last rank skipped its forward")

@@ -422,14 +422,10 @@ def test_process_group_without_torch_distributed_is_a_clear_error():
         fm.FusedMoE(hidden_size=8, ffn_hidden_size=4, num_experts=4, top_k=2, timeout_s=3.0)
 
 
-@pytest.mark.gpu
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("transport", ["nvshmem", "alltoall"])
-def test_one_gpu_rank_puts_to_itself_and_matches_reference(transport, tmp_path, seed):
-    # World size 1 on one GPU: the protocol runs end to end (heap, signals, waits) with the only peer being self.
+def _one_gpu_layer(transport: str, tmp_path, cfg, **kw):
+    """A one-rank expert-parallel layer on the GPU with fresh random parameters -> (layer, params); skips where the
+    transport cannot run."""
     import torch.distributed as dist
-
-    from tests.tolerances import assert_close
 
     if transport == "nvshmem":
         reason = transports.unavailable_reason("nvshmem", torch.device("cuda"))
@@ -437,20 +433,38 @@ def test_one_gpu_rank_puts_to_itself_and_matches_reference(transport, tmp_path, 
             pytest.skip(reason)
     if not dist.is_initialized():
         dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    cfg = fm.MoEConfig(hidden_size=64, ffn_hidden_size=32, num_experts=8, top_k=2)
     params = random_params(cfg, torch.float32, device="cuda")
-    layer = fm.FusedMoE(cfg, process_group=dist.group.WORLD, transport=transport, device="cuda", dtype=torch.float32)
+    layer = fm.FusedMoE(cfg, process_group=dist.group.WORLD, transport=transport, device="cuda", dtype=torch.float32,
+                        **kw)
     with torch.no_grad():
         for name, t in params.items():
             getattr(layer, name).copy_(t)
-    x = torch.randn(37, 64, device="cuda", requires_grad=True)
-    y = layer(x)
-    y.square().sum().backward()
+    return layer, params
+
+
+def _matches_reference(x, y, params, cfg) -> None:
+    """y = layer(x) with y.square().sum() already backpropagated: out and x.grad equal the reference's."""
+    from tests.tolerances import assert_close
+
     x_ref = x.detach().clone().requires_grad_()
     ref = fm.moe(x_ref, params, cfg, backend="reference").out
     ref.square().sum().backward()
-    assert_close(y, ref, "tf32" if torch.backends.cuda.matmul.allow_tf32 else torch.float32, "out")
-    assert_close(x.grad, x_ref.grad, "tf32" if torch.backends.cuda.matmul.allow_tf32 else torch.float32, "x.grad")
+    tol = "tf32" if torch.backends.cuda.matmul.allow_tf32 else torch.float32
+    assert_close(y, ref, tol, "out")
+    assert_close(x.grad, x_ref.grad, tol, "x.grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("transport", ["nvshmem", "alltoall"])
+def test_one_gpu_rank_puts_to_itself_and_matches_reference(transport, tmp_path, seed):
+    # World size 1 on one GPU: the protocol runs end to end (heap, signals, waits) with the only peer being self.
+    cfg = fm.MoEConfig(hidden_size=64, ffn_hidden_size=32, num_experts=8, top_k=2)
+    layer, params = _one_gpu_layer(transport, tmp_path, cfg)
+    x = torch.randn(37, 64, device="cuda", requires_grad=True)
+    y = layer(x)
+    y.square().sum().backward()
+    _matches_reference(x, y, params, cfg)
     assert layer.stats.bytes_sent == 0, "nothing crosses the wire with one rank"
 
 
@@ -490,22 +504,9 @@ def test_triton_over_nvshmem_never_synchronises(tmp_path, seed):
     # put into and collect from this rank's own segment. After the call that allocates the heap, a forward and a
     # backward run under torch.cuda.set_sync_debug_mode("error"), which raises at any synchronising CUDA call, report
     # host_syncs == 0, and equal the reference.
-    import torch.distributed as dist
-
-    from tests.tolerances import assert_close
-
-    reason = transports.unavailable_reason("nvshmem", torch.device("cuda"))
-    if reason:
-        pytest.skip(reason)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     cfg = fm.MoEConfig(hidden_size=64, ffn_hidden_size=32, num_experts=8, top_k=3, bias=True)
-    params = random_params(cfg, torch.float32, device="cuda")
-    layer = fm.FusedMoE(cfg, process_group=dist.group.WORLD, transport="nvshmem", device="cuda", dtype=torch.float32,
-                        backend="triton", max_tokens_per_rank=64)
+    layer, params = _one_gpu_layer("nvshmem", tmp_path, cfg, backend="triton", max_tokens_per_rank=64)
     with torch.no_grad():
-        for name, t in params.items():
-            getattr(layer, name).copy_(t)
         layer(torch.randn(37, 64, device="cuda"))  # allocates the heap: a barrier, counted
     assert layer.stats.host_syncs == 1
     x = torch.randn(37, 64, device="cuda", requires_grad=True)
@@ -517,10 +518,5 @@ def test_triton_over_nvshmem_never_synchronises(tmp_path, seed):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert layer.stats.host_syncs == 0
-    x_ref = x.detach().clone().requires_grad_()
-    ref = fm.moe(x_ref, params, cfg, backend="reference").out
-    ref.square().sum().backward()
-    tol = "tf32" if torch.backends.cuda.matmul.allow_tf32 else torch.float32
-    assert_close(y, ref, tol, "out")
-    assert_close(x.grad, x_ref.grad, tol, "x.grad")
+    _matches_reference(x, y, params, cfg)
     assert int(layer.stats.bytes_sent) == 0, "nothing crosses the wire with one rank"

@@ -33,7 +33,7 @@ _WARPS = 4
 
 
 def _kernels():
-    from kernels import exchange
+    from ..kernels import exchange  # deferred: importing triton fixes compiled vs interpreted for the process
 
     return exchange
 
