@@ -188,16 +188,21 @@ def capacity_fp64(ctx: Ctx):
 
 @scenario
 def zero_tokens_shared_aux_fp64(ctx: Ctx):
-    # rank 1 has no tokens; shared expert; the aux loss is that of each rank's own tokens
+    # rank 1 has no tokens; shared expert; the aux loss is that of each rank's own tokens. The triton backend too on
+    # the one-sided transports (over shm: the device-initiated exchanges, a rank routing nothing still exchanging).
     cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2, activation="relu",
                        num_shared_experts=2, aux_loss_coef=0.01, z_loss_coef=0.001)
     params, xs, gs = _data(ctx, cfg, torch.float64, [6, 0, 9, 4], 4)
-    layer = _layer(ctx, cfg, torch.float64, params)
-    x = xs[ctx.rank].clone().requires_grad_()
-    layer(x).mul(gs[ctx.rank]).sum().backward()
-    own = fm.moe(xs[ctx.rank], params, cfg, backend="reference")
-    assert_close(layer.aux_loss, own.aux_loss, torch.float64, f"rank {ctx.rank} aux_loss")
-    return _check(ctx, cfg, torch.float64, params, xs, gs)
+    info = {}
+    for backend in ("reference", "triton") if ctx.transport in ONE_SIDED else ("reference",):
+        layer = _layer(ctx, cfg, torch.float64, params, backend=backend, max_tokens_per_rank=16)
+        x = xs[ctx.rank].clone().requires_grad_()
+        layer(x).mul(gs[ctx.rank]).sum().backward()
+        own = fm.moe(xs[ctx.rank], params, cfg, backend="reference")
+        assert_close(layer.aux_loss, own.aux_loss, torch.float64, f"{backend}: rank {ctx.rank} aux_loss")
+        layer.zero_grad()
+        info[backend] = _check(ctx, cfg, torch.float64, params, xs, gs, layer=layer)
+    return info
 
 
 @scenario
