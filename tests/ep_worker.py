@@ -178,9 +178,14 @@ def capacity_fp64(ctx: Ctx):
     # capacity applies per rank to its own tokens: the reference runs rank by rank. cf=0.3 makes drops certain
     # on every rank, whatever the routing: C = ceil(0.3 * T * 2 / 8) is 1 for T <= 13 and 2 for T = 14, so at
     # most E*C = 8 or 16 of the 2T = 14..28 assignments fit (cf=0.6 left a well-spread rank with no drop).
+    # The triton backend too on the one-sided transports (its capacity kernel, on this rank's tokens).
     cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2, capacity_factor=0.3)
     params, xs, gs = _data(ctx, cfg, torch.float64, [12, 9, 14, 7], 3)
-    info = _check(ctx, cfg, torch.float64, params, xs, gs, per_rank=True)
+    info = {}
+    for backend in ("reference", "triton") if ctx.transport in ONE_SIDED else ("reference",):
+        layer = _layer(ctx, cfg, torch.float64, params, backend=backend, max_tokens_per_rank=16)
+        info[backend] = _check(ctx, cfg, torch.float64, params, xs, gs, per_rank=True, layer=layer)
+        assert int(layer.stats.dropped) == int(fm.moe(xs[ctx.rank], params, cfg, backend="reference").stats.dropped)
     dropped = fm.moe(xs[ctx.rank], params, cfg, backend="reference").stats.dropped
     assert int(dropped) > 0 or xs[ctx.rank].shape[0] == 0, "capacity_factor=0.3 dropped nothing: not exercised"
     return info
