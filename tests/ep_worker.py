@@ -498,6 +498,32 @@ def repeat_100(ctx: Ctx):
 
 
 @scenario
+def host_and_device_exchanges_share_a_heap(ctx: Ctx):
+    # One ExpertParallel, forwards alternating the reference backend (host-driven exchanges) and triton (over shm:
+    # device-initiated) on its one heap, token counts changing (zero included): both advance the same sequence
+    # numbers, nothing is reset, every forward equals the reference.
+    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2)
+    params, _, _ = _data(ctx, cfg, torch.float64, [1], 8)
+    local = {n: (t[ctx.local(cfg)] if n in ("w_up", "w_down", "b_up", "b_down") else t) for n, t in params.items()}
+    ep = ExpertParallel(cfg, ctx.group, ctx.transport, max_tokens_per_rank=8, timeout_s=TIMEOUT_S)
+    n = 12
+    for it in range(n):
+        gen = torch.Generator().manual_seed(ctx.seed + 100 + it)
+        sizes = [int(v) for v in torch.randint(0, 9, (ctx.world,), generator=gen)]
+        xs = [torch.randn(t, H, dtype=torch.float64, generator=gen) for t in sizes]
+        backend = ("reference", "triton")[it % 2]
+        out = fm.moe(xs[ctx.rank], local, cfg, expert_parallel=ep, backend=backend).out
+        ref = fm.moe(torch.cat(xs), params, cfg, backend="reference").out.split(sizes)[ctx.rank]
+        assert_close(out, ref, torch.float64, f"rank {ctx.rank} forward {it} ({backend})")
+    if ctx.transport in ONE_SIDED:
+        ex = next(iter(ep._exchanges.values()))
+        seqs = [ex.heap.read_word(ex.layout.seq_offset(r)) for r in (0, 1)]
+        assert seqs == [n, n], f"sequence words {seqs}, expected {n} dispatch and {n} return exchanges"
+    ep.close()
+    return {"forwards": n}
+
+
+@scenario
 def too_many_tokens(ctx: Ctx):
     # rank 0 passes more tokens than the heap holds: HeapOverflow before anything is sent
     cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2)
