@@ -127,7 +127,9 @@ def collect_kernel(out_rows_ptr, counts_out_ptr, out_vals_ptr, out_ids_ptr, rec_
                         alive = alive & ((prev & _LAST_OF_ROW) == 0)
                         place += alive.to(tl.int32)
                     ok = (row < n) & (q < slab_records)
-                    slot = (s.to(tl.int64) * slab_rows + row) * K + place
+                    # int32: W * slab_rows * K slots (8 ranks x 4096 tokens x k=8 is 2^18), and one int64 less to
+                    # hold kept ptxas from spilling on sm_80 (Triton 3.6)
+                    slot = (s * slab_rows + row) * K + place
                     tl.store(out_ids_ptr + slot, code >> 1, mask=ok)
                     tl.store(out_vals_ptr + slot, tl.load(vsrc + q, mask=ok), mask=ok)
                     tl.store(rec_index_ptr + slot, q, mask=ok)
