@@ -204,6 +204,7 @@ def run_cases(cases: list[Case], backends: list[str], transports: list[str], dev
                     if not err <= tol:
                         status, reason = "failed", f"{where}: relative error {err:.3g} > tolerance {tol:.0e}"
                     sent = getattr(impl.layer.stats, "bytes_sent", None)
+                    sent = None if sent is None else int(sent)  # a device tensor on the device-initiated path
                 except Exception as e:
                     status, reason = "error", f"{type(e).__name__}: {e}"
                 status, reason = _agree(status, reason, rank, world)
