@@ -88,9 +88,10 @@ class MoEStats:
 
     tokens_per_expert [E] int64   assignments each expert processed (after capacity), global expert ids
     dropped           []  int64   assignments dropped by capacity
-    bytes_sent        int         payload + metadata (routing weights and local expert ids of one-row-per-
-                                  (token, rank) dispatches) + signal bytes this rank put to other ranks (0 on one
-                                  rank); the fused backend counts them on the device: a 0-d int64 tensor there
+    bytes_sent        int         rows + routing records (a weight and a local expert id per remote assignment
+                                  of the one-row-per-(token, rank) dispatches) + signal bytes this rank put to
+                                  other ranks (0 on one rank); counted on the device by the fused backend and the
+                                  device-initiated exchanges (triton over shm / nvshmem): a 0-d int64 tensor there
     rows_per_peer     [W] int64 or None   rows this rank sent to each rank in the last forward (distributed)
     kernel_launches   int or None kernel launches of the forward, where the backend counts them
     host_syncs        int or None host synchronisations of the forward, where the backend counts them
