@@ -7,9 +7,10 @@ segment, so the host never reads a count.
                        their indices of d's record columns; then it counts itself done for d (ticket[d], acq_rel at
                        system scope). The last of d's NB programs release-stores d's signal word (seq << 32 |
                        count[d]), so the word is written after every program's stores to d are visible.
-  collect_kernel       grid (W,): program s waits for source s's signal word to carry `seq` (bounded: on timeout
-                       it aborts and writes the status, see signals.py), checks the count against the slab,
-                       copies the n rows of s's slab into the dense output at row s * slab_rows, and the records:
+  collect_kernel       grid (W, slab_rows / ROWS): program (s, b) waits for source s's signal word to carry `seq`
+                       (bounded: on timeout it aborts and writes the status, see signals.py), checks the count
+                       against the slab, copies its ROWS of the n rows of s's slab into the dense output at row
+                       s * slab_rows + b * ROWS; program (s, 0) also the records:
                        FLAGGED (forward dispatch) rebuilds each row's slots from the codes' last-of-row bits
                        (ids [., K] -1 past a row's records, weights, and each slot's record index), else copies
                        a known number of values (the backward's weight gradients).
@@ -79,15 +80,18 @@ def collect_kernel(out_rows_ptr, counts_out_ptr, out_vals_ptr, out_ids_ptr, rec_
                    H, me, seq, region, limit, data0, slab_elems, vals0, codes0, vals_stride, codes_stride, sig0,
                    slab_rows, slab_records,
                    K: tl.constexpr, HAS_REC: tl.constexpr, FLAGGED: tl.constexpr, USE_TIMER: tl.constexpr,
-                   LANES: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, BQ: tl.constexpr):
-    """Program s: the packet from rank s into out_rows [W * slab_rows, H] at row s * slab_rows, counts_out[s] = its
-    rows. Records: FLAGGED: out_vals / out_ids / rec_index [W * slab_rows, K] (weights, local expert ids, the record
-    index of each slot; -1 / 0 past a row's records, filled by the caller), rec_counts[s] = the records found;
-    else rec_counts[s] (given) values into out_vals [W, slab_records] row s. data0 / vals0 / codes0 / sig0: element
-    offsets of the region's first slab / columns / signal word in this rank's segment; slab s is at + s *
-    slab_elems, its record columns at + s * vals_stride / codes_stride."""
+                   LANES: tl.constexpr, ROWS: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, BQ: tl.constexpr):
+    """Program (s, b): rows [b * ROWS, (b + 1) * ROWS) of the packet from rank s into out_rows [W * slab_rows, H] at
+    row s * slab_rows; program (s, 0) also counts_out[s] = its rows and the records (every program of s waits for
+    the word, so the copy of a large packet spreads over many programs). Records: FLAGGED: out_vals / out_ids /
+    rec_index [W * slab_rows, K] (weights, local expert ids, the record index of each slot; -1 / 0 past a row's
+    records, filled by the caller), rec_counts[s] = the records found; else rec_counts[s] (given) values into
+    out_vals [W, slab_records] row s. data0 / vals0 / codes0 / sig0: element offsets of the region's first slab /
+    columns / signal word in this rank's segment; slab s is at + s * slab_elems, its record columns at + s *
+    vals_stride / codes_stride. clock [W * programs per source] int32, one word per program."""
     s = tl.program_id(0)
-    clock = clock_ptr + s
+    b = tl.program_id(1)
+    clock = clock_ptr + s * tl.num_programs(1) + b
     arrived, _, seen, words = _wait_words(heap_words_ptr + sig0 + s, 1, seq, sync_ptr, limit, USE_TIMER, clock,
                                           LANES)
     word = tl.sum(tl.where(tl.arange(0, LANES) == 0, words, 0), 0)
@@ -97,17 +101,21 @@ def collect_kernel(out_rows_ptr, counts_out_ptr, out_vals_ptr, out_ids_ptr, rec_
     elif n > slab_rows:
         _fail(sync_ptr, status_addr, _ST_COUNT, me, s, region, 0, slab_rows, word)
     else:
-        tl.store(counts_out_ptr + s, n)
         src = heap_rows_ptr + data0.to(tl.int64) + s.to(tl.int64) * slab_elems
         dst = out_rows_ptr + s.to(tl.int64) * slab_rows * H
         r = tl.arange(0, BR)
         c = tl.arange(0, BH)
-        for r0 in range(0, n, BR):
-            for c0 in range(0, H, BH):
-                m = ((r0 + r) < n)[:, None] & ((c0 + c) < H)[None, :]
-                off = (r0 + r).to(tl.int64)[:, None] * H + (c0 + c)[None, :]
-                tl.store(dst + off, tl.load(src + off, mask=m), mask=m)
-        if HAS_REC:
+        for r0 in tl.static_range(0, ROWS, BR):
+            rows = b * ROWS + r0 + r
+            if b * ROWS + r0 < n:
+                row_off = rows.to(tl.int64) * H
+                for c0 in range(0, H, BH):
+                    m = (rows < n)[:, None] & ((c0 + c) < H)[None, :]
+                    off = row_off[:, None] + (c0 + c)[None, :]
+                    tl.store(dst + off, tl.load(src + off, mask=m), mask=m)
+        if b == 0:
+            tl.store(counts_out_ptr + s, n)
+        if HAS_REC and (b == 0):
             vsrc = heap_vals_ptr + vals0.to(tl.int64) + s.to(tl.int64) * vals_stride
             i = tl.arange(0, BQ)
             if FLAGGED:

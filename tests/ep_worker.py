@@ -298,6 +298,21 @@ def triton_device_exchange_no_host_sync(ctx: Ctx):
     return info
 
 
+@scenario
+def triton_device_exchange_many_rows(ctx: Ctx):
+    # Packets of more rows than one collect program copies (device_exchange._COLLECT_ROWS = 64): 70 and 66 tokens
+    # on the heap of 72 rows per source, so two programs per source copy each packet; equal to the reference.
+    if ctx.transport != "shm":
+        return {"skipped": "device-initiated exchanges need peer pointers (shm, nvshmem)"}
+    from flashmoe_py.parallel import device_exchange
+
+    cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2)
+    params, xs, gs = _data(ctx, cfg, torch.float64, [70, 66, 3, 0], 22)
+    layer = _layer(ctx, cfg, torch.float64, params, backend="triton", max_tokens_per_rank=72)
+    assert 72 > device_exchange._COLLECT_ROWS
+    return _check(ctx, cfg, torch.float64, params, xs, gs, layer=layer)
+
+
 def _pairs(owners: list, world: int) -> list:
     """owners[s] [T_s, k] owner rank of each slot -> per source s the [T_s, W] bool: token t has a slot on rank d."""
     out = []

@@ -30,6 +30,7 @@ INTERPRETER_SPIN_S = 2e-3  # seconds one spin iteration takes under the interpre
 STATUS = {1: "wait", 3: "count"}
 _BLOCK = 32  # rows (and records) per put program; a launch has cdiv(max(rows, records), _BLOCK) programs per rank
 _WARPS = 4
+_COLLECT_ROWS = 64  # rows of a packet one collect program copies
 
 
 def _kernels():
@@ -54,7 +55,8 @@ class DeviceExchange:
         self._views: dict = {}
         gpu = self.device.type == "cuda"
         self.sync = torch.zeros(8, dtype=torch.int32, device=self.device)  # word 1: abort (kernels/signals.py)
-        self.clock = torch.zeros(self.world_size, dtype=torch.int32, device=self.device)
+        nbc = -(-lay.slab_rows // _COLLECT_ROWS)
+        self.clock = torch.zeros(self.world_size * nbc, dtype=torch.int32, device=self.device)  # one per program
         self.status = torch.zeros(8, dtype=torch.int64, pin_memory=gpu)
         self._status = self.status.numpy()  # host memory read as host memory: never a device synchronisation
         self.status_addr = self.status.data_ptr()
@@ -196,8 +198,9 @@ class DeviceExchange:
                     codes_stride=lay.meta_slab_bytes // 4, sig0=lay.signal_offset(region, 0) // 8,
                     slab_rows=lay.slab_rows, slab_records=lay.slab_records)
         constexprs = dict(K=top_k, HAS_REC=records is not None, FLAGGED=records == "flagged", USE_TIMER=self.timer,
-                          LANES=32 * _WARPS, BR=_BLOCK, BH=min(64, _pow2(hidden)), BQ=_BLOCK)
-        _run(Launch(f"collect[{records or 'rows'}]", _kernels().collect_kernel, (w,), args, constexprs, _WARPS))
+                          LANES=32 * _WARPS, ROWS=_COLLECT_ROWS, BR=_BLOCK, BH=min(64, _pow2(hidden)), BQ=_BLOCK)
+        grid = (w, self.clock.numel() // w)
+        _run(Launch(f"collect[{records or 'rows'}]", _kernels().collect_kernel, grid, args, constexprs, _WARPS))
         if not self.timer:
             self.check()  # free under the interpreter: the launch has finished
         return out
