@@ -80,7 +80,8 @@ def collect_kernel(out_rows_ptr, counts_out_ptr, out_vals_ptr, out_ids_ptr, rec_
                    H, me, seq, region, limit, data0, slab_elems, vals0, codes0, vals_stride, codes_stride, sig0,
                    slab_rows, slab_records,
                    K: tl.constexpr, HAS_REC: tl.constexpr, FLAGGED: tl.constexpr, USE_TIMER: tl.constexpr,
-                   LANES: tl.constexpr, ROWS: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, BQ: tl.constexpr):
+                   LANES: tl.constexpr, COPY: tl.constexpr, ROWS: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr,
+                   BQ: tl.constexpr):
     """Program (s, b): rows [b * ROWS, (b + 1) * ROWS) of the packet from rank s into out_rows [W * slab_rows, H] at
     row s * slab_rows; program (s, 0) also counts_out[s] = its rows and the records (every program of s waits for
     the word, so the copy of a large packet spreads over many programs). Records: FLAGGED: out_vals / out_ids /
@@ -88,7 +89,8 @@ def collect_kernel(out_rows_ptr, counts_out_ptr, out_vals_ptr, out_ids_ptr, rec_
     records, filled by the caller), rec_counts[s] = the records found; else rec_counts[s] (given) values into
     out_vals [W, slab_records] row s. data0 / vals0 / codes0 / sig0: element offsets of the region's first slab /
     columns / signal word in this rank's segment; slab s is at + s * slab_elems, its record columns at + s *
-    vals_stride / codes_stride. clock [W * programs per source] int32, one word per program."""
+    vals_stride / codes_stride. clock [W * programs per source] int32, one word per program. COPY=False: the rows
+    stay in the slab (the caller reads them there), programs wait and check only."""
     s = tl.program_id(0)
     b = tl.program_id(1)
     clock = clock_ptr + s * tl.num_programs(1) + b
@@ -107,7 +109,7 @@ def collect_kernel(out_rows_ptr, counts_out_ptr, out_vals_ptr, out_ids_ptr, rec_
         c = tl.arange(0, BH)
         for r0 in tl.static_range(0, ROWS, BR):
             rows = b * ROWS + r0 + r
-            if b * ROWS + r0 < n:
+            if COPY and (b * ROWS + r0 < n):
                 row_off = rows.to(tl.int64) * H
                 for c0 in range(0, H, BH):
                     m = (rows < n)[:, None] & ((c0 + c) < H)[None, :]

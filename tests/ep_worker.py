@@ -301,16 +301,19 @@ def triton_device_exchange_no_host_sync(ctx: Ctx):
 @scenario
 def triton_device_exchange_many_rows(ctx: Ctx):
     # Packets of more rows than one collect program copies (device_exchange._COLLECT_ROWS = 64): 70 and 66 tokens
-    # on the heap of 72 rows per source, so two programs per source copy each packet; equal to the reference.
+    # on a heap of 71 rows per source, so two programs per source copy each packet; fp32 rows of 64 bytes, so the
+    # slabs (128-byte aligned) are padded apart and the in-place reads of the returned rows must stride over the
+    # padding; equal to the reference.
     if ctx.transport != "shm":
         return {"skipped": "device-initiated exchanges need peer pointers (shm, nvshmem)"}
     from flashmoe_py.parallel import device_exchange
 
     cfg = fm.MoEConfig(hidden_size=H, ffn_hidden_size=FFN, num_experts=E, top_k=2)
-    params, xs, gs = _data(ctx, cfg, torch.float64, [70, 66, 3, 0], 22)
-    layer = _layer(ctx, cfg, torch.float64, params, backend="triton", max_tokens_per_rank=72)
-    assert 72 > device_exchange._COLLECT_ROWS
-    return _check(ctx, cfg, torch.float64, params, xs, gs, layer=layer)
+    params, xs, gs = _data(ctx, cfg, torch.float32, [70, 66, 3, 0], 22)
+    layer = _layer(ctx, cfg, torch.float32, params, backend="triton", max_tokens_per_rank=71)
+    lay = layer.expert_parallel.exchange_layout_for(torch.float32)
+    assert lay.slab_rows > device_exchange._COLLECT_ROWS and lay.slab_bytes > lay.slab_rows * lay.row_bytes
+    return _check(ctx, cfg, torch.float32, params, xs, gs, layer=layer)
 
 
 def _pairs(owners: list, world: int) -> list:

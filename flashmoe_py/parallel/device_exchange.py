@@ -154,21 +154,32 @@ class DeviceExchange:
             sent = sent + (per_rank * others).sum() * (vitem + (4 if codes is not None else 0))
         return sent
 
+    def slabs(self, region: int, dtype: torch.dtype, hidden: int) -> torch.Tensor:
+        """This rank's row slabs of `region` in place: [W, slab_rows, H] dtype, slab s filled by rank s."""
+        lay = self.layout
+        view, _ = self.view(dtype)
+        item = view.element_size()
+        return view.as_strided((self.world_size, lay.slab_rows, hidden), (lay.slab_bytes // item, hidden, 1),
+                               lay.data_offset(region, 0) // item)
+
     def collect(self, region: int, dtype: torch.dtype, hidden: int, top_k: int, records: str | None = None,
-                weight_dtype: torch.dtype = torch.float32, known_records: torch.Tensor | None = None) -> dict:
+                weight_dtype: torch.dtype = torch.float32, known_records: torch.Tensor | None = None,
+                in_place: bool = False) -> dict:
         """Wait for every rank's packet of the exchange `put` started and copy it out (collective).
 
-        -> dict with rows [W * slab_rows, H] dtype (block s from rank s, rows past counts[s] unwritten) and counts
-        [W] int32; records="flagged" (forward dispatch) adds weights [W * slab_rows, k] weight_dtype, ids
-        [W * slab_rows, k] int32 (-1 past a row's records), rec_index [W * slab_rows, k] int32 (each slot's record
-        index in its packet) and rec_counts [W] int32; records="known" adds values [W, slab_records] weight_dtype,
-        known_records[s] of them from rank s.
+        -> dict with rows [W, slab_rows, H] dtype (block s from rank s, rows past counts[s] unwritten; in_place:
+        the heap's slabs themselves, valid until this rank's next exchange in the other direction lets the peers
+        write them again) and counts [W] int32; records="flagged" (forward dispatch) adds weights [W * slab_rows,
+        k] weight_dtype, ids [W * slab_rows, k] int32 (-1 past a row's records), rec_index [W * slab_rows, k]
+        int32 (each slot's record index in its packet) and rec_counts [W] int32; records="known" adds values [W,
+        slab_records] weight_dtype, known_records[s] of them from rank s.
         """
         lay, w = self.layout, self.world_size
         seq = self.host.seq[region]  # the put of this exchange advanced it
         rows_view, _ = self.view(dtype)
         words_view, _ = self.view(torch.int64)
-        rows = torch.empty(w * lay.slab_rows, hidden, dtype=dtype, device=self.device)
+        rows = self.slabs(region, dtype, hidden) if in_place else \
+            torch.empty(w, lay.slab_rows, hidden, dtype=dtype, device=self.device)
         counts = torch.empty(w, dtype=torch.int32, device=self.device)
         out = dict(rows=rows, counts=counts)
         vitem = torch.empty((), dtype=weight_dtype).element_size()
@@ -198,8 +209,9 @@ class DeviceExchange:
                     codes_stride=lay.meta_slab_bytes // 4, sig0=lay.signal_offset(region, 0) // 8,
                     slab_rows=lay.slab_rows, slab_records=lay.slab_records)
         constexprs = dict(K=top_k, HAS_REC=records is not None, FLAGGED=records == "flagged", USE_TIMER=self.timer,
-                          LANES=32 * _WARPS, ROWS=_COLLECT_ROWS, BR=_BLOCK, BH=min(64, _pow2(hidden)), BQ=_BLOCK)
-        grid = (w, self.clock.numel() // w)
+                          LANES=32 * _WARPS, COPY=not in_place, ROWS=_COLLECT_ROWS, BR=_BLOCK,
+                          BH=min(64, _pow2(hidden)), BQ=_BLOCK)
+        grid = (w, 1 if in_place else self.clock.numel() // w)
         _run(Launch(f"collect[{records or 'rows'}]", _kernels().collect_kernel, grid, args, constexprs, _WARPS))
         if not self.timer:
             self.check()  # free under the interpreter: the launch has finished
@@ -250,9 +262,9 @@ def plan_launches(dtype: torch.dtype, world: int, tokens: int, hidden: int, top_
         dex.put(DISPATCH, x, table, counts, records)
         dex.collect(DISPATCH, dtype, hidden, top_k, "flagged", wdtype)
         dex.put(RETURN, x, table, counts)
-        dex.collect(RETURN, dtype, hidden, top_k)
+        dex.collect(RETURN, dtype, hidden, top_k, in_place=True)
         dex.put(RETURN, x, table, counts, (records[0], None, records[2], records[3]))
-        dex.collect(RETURN, dtype, hidden, top_k, "known", wdtype, counts)
+        dex.collect(RETURN, dtype, hidden, top_k, "known", wdtype, counts, in_place=True)
     return launches
 
 

@@ -41,14 +41,13 @@ def _block_rows(counts: torch.Tensor, slab: int) -> torch.Tensor:
     return table
 
 
-def rank_order_sum(blocks: torch.Tensor, hits: torch.Tensor, pos: torch.Tensor, slab: int,
-                   dtype: torch.dtype) -> torch.Tensor:
-    """blocks [W * slab, H]; hits, pos [T, W] -> [T, H] in dtype: out_t = sum over d ascending with hits[t, d] of
-    blocks[d * slab + pos[t, d]] (a fixed order; differentiable, each block row read by at most one token)."""
+def rank_order_sum(blocks: torch.Tensor, hits: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """blocks [W, slab, H]; hits, pos [T, W] -> [T, H] in dtype: out_t = sum over d ascending with hits[t, d] of
+    blocks[d, pos[t, d]] (a fixed order; differentiable, each block row read by at most one token)."""
     t, w = hits.shape
-    out = torch.zeros(t, blocks.shape[1], dtype=dtype, device=blocks.device)
+    out = torch.zeros(t, blocks.shape[2], dtype=dtype, device=blocks.device)
     for d in range(w):
-        rows = blocks.index_select(0, d * slab + pos[:, d].clamp(min=0).to(torch.int64)).to(dtype)
+        rows = blocks[d].index_select(0, pos[:, d].clamp(min=0).to(torch.int64)).to(dtype)
         out = out + torch.where(hits[:, d].unsqueeze(1), rows, torch.zeros((), dtype=dtype, device=blocks.device))
     return out
 
@@ -80,8 +79,8 @@ class _Plan:
 
 
 class _DeviceTokenRankExperts(torch.autograd.Function):
-    """x [T, H], weights [T, k] fp32/fp64 -> the partial rows rank r gets back [W * S, H] (block d from rank d;
-    row pos[t, d] is token t's when hits[t, d])."""
+    """x [T, H], weights [T, k] fp32/fp64 -> the partial rows rank r gets back [W, S, H] (block d from rank d, in
+    the heap's RETURN slabs; row pos[t, d] is token t's when hits[t, d])."""
 
     @staticmethod
     def forward(ctx, x, weights, plan, dex, moe, activation, info, w_up, w_down, b_up, b_down):
@@ -95,7 +94,7 @@ class _DeviceTokenRankExperts(torch.autograd.Function):
         sent = dex.put(DISPATCH, x.detach(), plan.dest_row, plan.counts,
                        (weights.detach().reshape(-1).contiguous(), plan.rec_code, plan.rec_dest, plan.rec_at))
         got = dex.collect(DISPATCH, x.dtype, hidden, k, "flagged", wdtype)
-        rows_recv, w_recv = got["rows"], got["weights"]
+        rows_recv, w_recv = got["rows"].view(-1, hidden), got["weights"]
         with torch.enable_grad() if track else torch.no_grad():
             if track:
                 rows_recv.requires_grad_(True)
@@ -103,7 +102,9 @@ class _DeviceTokenRankExperts(torch.autograd.Function):
             partial = moe(rows_recv, got["ids"], w_recv, local, activation)
         back_table = _block_rows(got["counts"], lay.slab_rows)
         sent = sent + dex.put(RETURN, partial.detach(), back_table, got["counts"])
-        back = dex.collect(RETURN, x.dtype, hidden, k)
+        # in place: the rows are only gathered from (rank_order_sum), before this rank's next exchange lets the
+        # peers overwrite them (its backward's dispatch, or the next forward's)
+        back = dex.collect(RETURN, x.dtype, hidden, k, in_place=True)
         info["bytes_sent"] = sent
         ctx.dex, ctx.plan, ctx.params, ctx.k, ctx.wdtype = dex, plan, params, k, wdtype
         ctx.graph = (rows_recv, w_recv, partial, got, back_table) if track else None
@@ -116,9 +117,13 @@ class _DeviceTokenRankExperts(torch.autograd.Function):
             raise RuntimeError("expert-parallel MoE: backward ran twice through one forward (retain_graph); each "
                                "forward's exchanges can be reversed once, on every rank together")
         rows_recv, w_recv, partial, got, back_table = ctx.graph
-        hidden, w = grad_back.shape[1], dex.world_size
-        dex.put(DISPATCH, grad_back.contiguous(), _block_rows(plan.counts, lay.slab_rows), plan.counts)
-        grad_partial = dex.collect(DISPATCH, grad_back.dtype, hidden, ctx.k)["rows"]
+        hidden = grad_back.shape[-1]
+        dex.put(DISPATCH, grad_back.reshape(-1, hidden).contiguous(), _block_rows(plan.counts, lay.slab_rows),
+                plan.counts)
+        grad_partial = dex.collect(DISPATCH, grad_back.dtype, hidden, ctx.k, in_place=True)["rows"]
+        # [W * S, H] (a copy where the slabs are padded apart); read by the kernels autograd.grad launches below,
+        # before this rank's return lets the peers write the slab again
+        grad_partial = grad_partial.reshape(-1, hidden)
         leaves = [p for p in ctx.params if p is not None and p.requires_grad]
         targets = [rows_recv, w_recv] + leaves
         found = torch.autograd.grad(partial, targets, grad_partial, allow_unused=True)
@@ -128,10 +133,10 @@ class _DeviceTokenRankExperts(torch.autograd.Function):
         rec_dest = torch.where(ids >= 0, slot_src, -1).to(torch.int32).reshape(-1)
         dex.put(RETURN, found[0].contiguous(), back_table, got["counts"],
                 (found[1].reshape(-1).contiguous(), None, rec_dest, got["rec_index"].reshape(-1)))
-        back = dex.collect(RETURN, grad_back.dtype, hidden, ctx.k, "known", ctx.wdtype, plan.rec_counts)
-        rows_back, wvals = back["rows"], back["values"]  # [W * S, H], [W, slab_records]
-        grad_x = rank_order_sum(rows_back, plan.hits, plan.pos, lay.slab_rows,
-                                _acc_dtype(grad_back.dtype)).to(grad_back.dtype)
+        back = dex.collect(RETURN, grad_back.dtype, hidden, ctx.k, "known", ctx.wdtype, plan.rec_counts,
+                           in_place=True)
+        rows_back, wvals = back["rows"], back["values"]  # [W, S, H] in the heap, [W, slab_records]
+        grad_x = rank_order_sum(rows_back, plan.hits, plan.pos, _acc_dtype(grad_back.dtype)).to(grad_back.dtype)
         flat = plan.owner.reshape(-1).to(torch.int64) * lay.slab_records + \
             plan.rec_at.clamp(min=0).to(torch.int64)
         grad_w = torch.where(plan.kept.reshape(-1), wvals.reshape(-1).index_select(0, flat),
@@ -139,7 +144,6 @@ class _DeviceTokenRankExperts(torch.autograd.Function):
         it = iter(found[2:])
         param_grads = [next(it) if p is not None and p.requires_grad else None for p in ctx.params]
         ctx.graph = None
-        del w
         return (grad_x, grad_w, None, None, None, None, None, *param_grads)
 
 
@@ -151,5 +155,5 @@ def device_token_rank_routed(x: torch.Tensor, routing, params: MoEParams, activa
     info: dict = {}
     back = _DeviceTokenRankExperts.apply(x, weights, plan, dex, moe, activation, info, params.w_up, params.w_down,
                                          params.b_up, params.b_down)
-    out = rank_order_sum(back, plan.hits, plan.pos, dex.layout.slab_rows, weights.dtype)
+    out = rank_order_sum(back, plan.hits, plan.pos, weights.dtype)
     return out, info["bytes_sent"], plan.counts.to(torch.int64)
