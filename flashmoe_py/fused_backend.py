@@ -595,13 +595,15 @@ class _FusedFunction(torch.autograd.Function):
         r = run.res
         ctx.run = run
         ctx.addend_dtype = None if addend is None else addend.dtype
+        # h is not kept: the backward recomputes it from pre (experts_bwd_impl's act-grad kernel), so the forward's
+        # h [R, I] is freed as soon as the kernel has consumed it
         ctx.save_for_backward(x, route_in, w_up, w_down, b_up, b_down, r["weights"], r["ids"], r["order"],
-                              r["slot_of"], r["stats"], r["h"] if run.call.save else None, r["pre"])
+                              r["slot_of"], r["stats"], r["pre"])
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, route_in, w_up, w_down, b_up, b_down, weights, ids, order, slot_of, stats, h, pre = ctx.saved_tensors
+        x, route_in, w_up, w_down, b_up, b_down, weights, ids, order, slot_of, stats, pre = ctx.saved_tensors
         run = ctx.run
         cfg, need = run.cfg, ctx.needs_input_grad
         e, k = cfg.num_experts, cfg.top_k
@@ -611,7 +613,8 @@ class _FusedFunction(torch.autograd.Function):
             from .triton_backend import experts_bwd_impl
 
             dx, dweights, dw_up, dw_down, db_up, db_down = experts_bwd_impl(
-                grad_out, x, weights, order, counts.to(torch.int32), slot_of, w_up, w_down, b_up, b_down, h, pre,
+                grad_out, x, weights, order, counts.to(torch.int32), slot_of, w_up, w_down, b_up, b_down,
+                x.new_empty(0), pre,
                 cfg.activation_key, k, cfg.deterministic, need[0], need[1], need_dparams)
         else:
             dx, dweights, dw_up, dw_down, db_up, db_down = _ep_backward(run, grad_out, x, weights, ids, order,
