@@ -73,6 +73,27 @@ def test_forward_backward_fp64_match_reference(name, seed):
 
 
 @pytest.mark.interpreter
+def test_training_keeps_pre_activations_not_h(seed):
+    # What a training forward saves for backward: the pre-activations [T*k, 2I], never h [T*k, I] (the backward
+    # recomputes it from them), so h is freed once the kernel has read it. Saving h too fails this.
+    cfg = fm.MoEConfig(**CONFIGS["mixtral"])
+    params, x, _ = _inputs(cfg, torch.float64)
+    params = {n: t.requires_grad_() for n, t in params.items()}
+    x.requires_grad_()
+    rows = x.shape[0] * cfg.top_k
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fm.moe(x, params, cfg, backend="fused")
+    assert (rows, 2 * cfg.ffn_hidden_size) in saved, f"the pre-activations were not saved: {saved}"
+    assert (rows, cfg.ffn_hidden_size) not in saved, f"h [T*k, I] is kept for backward: {saved}"
+
+
+@pytest.mark.interpreter
 def test_inference_routes_in_the_kernel(seed):
     # No gradient wanted: the kernel computes the router logits itself, and the losses and stats too (no
     # PyTorch op at all around the launch without a shared expert).
