@@ -3,6 +3,12 @@ backward through a named backend, for the backend-vs-reference comparisons."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
 import torch
 
 from flashmoe_py import MoEConfig, MoEParams, moe
@@ -114,3 +120,25 @@ def compare_to_reference(backend: str, cfg: MoEConfig, dtype, params: dict, x: t
         assert gp[n] is not None, f"no gradient for {n}"
         assert_close(gp[n], rp[n], tol, f"grad {n}")
     return got
+
+
+def run_ranks(cmd: list, env: dict, cwd, out, world: int, timeout_s: float, seed: int) -> dict:
+    """Run one launch of a multi-rank worker (cmd, in its own session) and collect what each rank wrote to
+    out/rank<r>.json -> {"ranks": [per-rank results], "seed": seed}, or {"failure": why, with the log's tail}
+    when the launch timed out (every process of it killed) or a rank wrote nothing; with the launch's exit code
+    and the tail of its log ("returncode", "log")."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the session holds only the ranks this launch started
+        log, _ = proc.communicate()
+        return {"failure": f"launch timed out after {timeout_s} s (seed={seed})\n{log[-4000:]}"}
+    ranks = []
+    for r in range(world):
+        path = Path(out) / f"rank{r}.json"
+        if not path.exists():
+            return {"failure": f"rank {r} wrote no results, exit code {proc.returncode} (seed={seed})\n{log[-4000:]}"}
+        ranks.append(json.loads(path.read_text()))
+    return {"ranks": ranks, "seed": seed, "returncode": proc.returncode, "log": log[-4000:]}

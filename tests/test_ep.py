@@ -16,19 +16,17 @@ max_tokens_per_rank -> HeapOverflow; construction errors.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from tests import ep_worker
+from tests.helpers import run_ranks
 
 pytestmark = pytest.mark.multiproc
 
@@ -69,21 +67,7 @@ def _launch(transports: str, world: int, tmp: Path) -> dict:
         cmd = [_mpirun(), "-np", str(world), "--oversubscribe", sys.executable, *worker, "--launcher", "mpirun"]
     else:
         cmd = [sys.executable, *worker, "--launcher", "spawn", "--world", str(world)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the session holds only the ranks this launch started
-        log, _ = proc.communicate()
-        return {"failure": f"launch timed out after {LAUNCH_TIMEOUT_S} s (seed={seed})\n{log[-4000:]}"}
-    ranks = []
-    for r in range(world):
-        path = out / f"rank{r}.json"
-        if not path.exists():
-            return {"failure": f"rank {r} wrote no results, exit code {proc.returncode} (seed={seed})\n{log[-4000:]}"}
-        ranks.append(json.loads(path.read_text()))
-    return {"ranks": ranks, "seed": seed}
+    return run_ranks(cmd, env, REPO, out, world, LAUNCH_TIMEOUT_S, seed)
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
@@ -141,18 +125,9 @@ def test_mpirun_recipe(recipe, tmp_path):
         cmd += ["-x", "MASTER_ADDR=127.0.0.1", "-x", f"MASTER_PORT={_free_port()}", "-x", "WORLD_SIZE=2",
                 "sh", "-c", 'RANK=$OMPI_COMM_WORLD_RANK LOCAL_RANK=$OMPI_COMM_WORLD_LOCAL_RANK exec "$0" "$@"']
     cmd += [sys.executable, "-m", "tests.mpirun_worker", "--init", init, "--seed", str(seed), "--out", str(tmp_path)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the session holds only the ranks this launch started
-        log, _ = proc.communicate()
-        pytest.fail(f"launch timed out after {LAUNCH_TIMEOUT_S} s (seed={seed})\n{log[-4000:]}")
-    for r in range(2):
-        path = tmp_path / f"rank{r}.json"
-        assert path.exists(), f"rank {r} wrote no results, exit code {proc.returncode} (seed={seed})\n{log[-4000:]}"
-        res = json.loads(path.read_text())
+    launched = run_ranks(cmd, env, REPO, tmp_path, 2, LAUNCH_TIMEOUT_S, seed)
+    assert "failure" not in launched, launched.get("failure")
+    for r, res in enumerate(launched["ranks"]):
         launch = res.pop("launch")
         assert launch["launcher"] == "mpirun" and launch["mpi_reason"] is None, launch
         assert launch["rank"] == launch["mpi_rank"] == launch["torch_rank"] == r, launch
@@ -160,4 +135,5 @@ def test_mpirun_recipe(recipe, tmp_path):
         assert launch["RANK"] == (str(r) if torch_env else None), launch
         errors = [f"{name}:\n{got['error']}" for name, got in res.items() if not got["ok"]]
         assert not errors, f"rank {r} (seed={seed}):\n" + "\n".join(errors)
-    assert proc.returncode == 0, log[-4000:]
+    assert launched["returncode"] == 0, launched["log"]
+

@@ -16,17 +16,15 @@ ExchangeTimeout naming rank, peer and slot.
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from tests import fused_worker
+from tests.helpers import run_ranks
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.interpreter]
 
@@ -53,21 +51,7 @@ def _launch(tmp: Path, world: int, concurrent: bool, scenarios) -> dict:
         cmd += ["--scenarios", ",".join(scenarios)]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TRITON_INTERPRET="1",
                FLASHMOE_DEBUG_POISON="1")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the session holds only the ranks this launch started
-        log, _ = proc.communicate()
-        return {"failure": f"launch timed out after {LAUNCH_TIMEOUT_S} s (seed={seed})\n{log[-4000:]}"}
-    ranks = []
-    for r in range(world):
-        path = out / f"rank{r}.json"
-        if not path.exists():
-            return {"failure": f"rank {r} wrote no results, exit code {proc.returncode} (seed={seed})\n{log[-4000:]}"}
-        ranks.append(json.loads(path.read_text()))
-    return {"ranks": ranks, "seed": seed}
+    return run_ranks(cmd, env, REPO, out, world, LAUNCH_TIMEOUT_S, seed)
 
 
 CASES = [(launch, name) for launch, (_, _, names) in LAUNCHES.items() for name in (names or fused_worker.SCENARIOS)]
