@@ -93,8 +93,12 @@ class _DeviceTokenRankExperts(torch.autograd.Function):
         local = MoEParams(router_weight=None, w_up=params[0], w_down=params[1], b_up=params[2], b_down=params[3])
         sent = dex.put(DISPATCH, x.detach(), plan.dest_row, plan.counts,
                        (weights.detach().reshape(-1).contiguous(), plan.rec_code, plan.rec_dest, plan.rec_at))
-        got = dex.collect(DISPATCH, x.dtype, hidden, k, "flagged", wdtype)
-        rows_recv, w_recv = got["rows"].view(-1, hidden), got["weights"]
+        # Without a graph to keep, the received rows are read in place where the slabs lie back to back (rows of a
+        # multiple of 128 bytes): the experts' kernels read them before this rank's return below lets the peers
+        # write the slabs again. A graph would keep them past that: copied.
+        in_place = not track and lay.slab_bytes == lay.slab_rows * lay.row_bytes
+        got = dex.collect(DISPATCH, x.dtype, hidden, k, "flagged", wdtype, in_place=in_place)
+        rows_recv, w_recv = got["rows"].reshape(-1, hidden), got["weights"]
         with torch.enable_grad() if track else torch.no_grad():
             if track:
                 rows_recv.requires_grad_(True)
