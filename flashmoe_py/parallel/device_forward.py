@@ -53,10 +53,14 @@ def rank_order_sum(blocks: torch.Tensor, hits: torch.Tensor, pos: torch.Tensor, 
 
 
 class _Plan:
-    """Where this rank's tokens and records go (module docstring), all device tensors."""
+    """Where this rank's tokens and records go (module docstring), all on the device, from ids [T, k] int64 (global
+    experts) and kept [T, k] bool:
 
-    def __init__(self, ids: torch.Tensor, kept: torch.Tensor, weights: torch.Tensor, num_local: int, world: int):
-        t, k = ids.shape
+    hits [T, W] bool, pos [T, W] int32, dest_row [T, W] int32 (pos, -1 where no hit), counts [W] int32 (rows to
+    each rank); per slot, flat [T * k]: rec_dest int32 (owner rank, -1 if dropped), rec_at int32 (index in the
+    owner's records), rec_code int32; rec_counts [W] int64 (records to each rank); kept, owner [T, k]."""
+
+    def __init__(self, ids: torch.Tensor, kept: torch.Tensor, num_local: int, world: int):
         dev = ids.device
         owner = ids // num_local
         on = kept.unsqueeze(2) & (owner.unsqueeze(2) == torch.arange(world, device=dev))  # [T, k, W]
@@ -155,7 +159,7 @@ def device_token_rank_routed(x: torch.Tensor, routing, params: MoEParams, activa
     """The routed part over device-initiated exchanges -> (out [T, H] fp32/fp64, bytes put: 0-d int64 tensor,
     rows per peer [W] int64 on the device). Collective; no host synchronisation."""
     ids, kept, weights = routing.topk_ids, routing.kept, routing.topk_weights
-    plan = _Plan(ids, kept, weights, ep.num_local_experts, ep.world_size)
+    plan = _Plan(ids, kept, ep.num_local_experts, ep.world_size)
     info: dict = {}
     back = _DeviceTokenRankExperts.apply(x, weights, plan, dex, moe, activation, info, params.w_up, params.w_down,
                                          params.b_up, params.b_down)
