@@ -50,14 +50,13 @@ import torch
 from . import env, interpreter_threads
 from .backends import BackendUnavailable
 from .config import MoEConfig
-from .parallel.heap import ExchangeTimeout
+from .parallel.heap import ExchangeTimeout, device_wait_limit
 from .parallel.layout import REGION_NAMES, HeapLayout
 from .records import MoEOutput, MoEParams, MoEStats, Routing
 from .routing import ExpertOrder, router_logits, routing_losses, scores_from_logits, weights_from_scores
 
 ONE_SIDED = ("shm", "nvshmem", "local")  # local: in-process ranks (parallel/local.py)
 HANDLES_EXPERT_PARALLEL = True  # moe_forward(..., expert_parallel=ep) moves the rows itself (backends.py)
-INTERPRETER_SPIN_S = 2e-3  # seconds one spin iteration takes under the interpreter (waits count iterations)
 PROGRAMS_PER_SM = 1
 INTERPRETER_PROGRAMS = 2  # per phase launch: program 1 finds the task counters exhausted, as on a GPU
 INTERPRETER_CONCURRENT_PROGRAMS = 4  # the PHASE=ALL launch under interpreter_threads.concurrent_programs()
@@ -424,9 +423,7 @@ def _prepare(state: FusedState, call: _Call, target: str, nprog: int, puts: str)
     scale = float(cfg.routed_scaling_factor)
     scale_hi = float(torch.tensor(scale, dtype=torch.float32))
     timer = target != "interpreter"
-    # GPU: units of 1024 ns (the kernel's clock words are int32: up to about 36 minutes); interpreter: polls
-    limit = min(int(state.timeout_s * 1e9) >> 10, 2**31 - 1) if timer else \
-        max(1, int(state.timeout_s / INTERPRETER_SPIN_S))
+    limit = device_wait_limit(state.timeout_s, timer)
     router = p.router_weight
     native = (not given and router is not None and router.dtype == x.dtype
               and x.dtype in (torch.bfloat16, torch.float16) and target != "interpreter")

@@ -30,7 +30,7 @@ from .signals import _fail, _wait_words
 
 _COUNT_MASK = tl.constexpr((1 << 31) - 1)  # layout.COUNT_BITS: the signal word's count field
 _LAST_OF_ROW = tl.constexpr(1)  # layout.LAST_OF_ROW
-_ST_WAIT = tl.constexpr(1)  # status codes, named by device_exchange.STATUS
+_ST_WAIT = tl.constexpr(1)  # status codes: device_exchange.DeviceExchange.check turns them into errors
 _ST_COUNT = tl.constexpr(3)
 
 

@@ -583,7 +583,7 @@ def peer_skips_forward(ctx: Ctx):
             assert f"rank {ctx.rank}" in msg, msg
             if ctx.transport in ONE_SIDED:
                 assert f"peer {dead}" in msg and "dispatch slot" in msg, msg
-            # the interpreted device wait counts polls (device_exchange.INTERPRETER_SPIN_S each), which take longer
+            # the interpreted device wait counts polls (parallel.heap.INTERPRETER_SPIN_S each), which take longer
             # on a loaded machine: a looser bound there, still far from a hang
             bound = timeout + 5.0 if backend == "reference" else 4 * timeout + 5.0
             assert elapsed < bound, f"{backend}: timed out after {elapsed:.1f} s, configured {timeout} s"

@@ -285,7 +285,7 @@ def peer_skips_forward(ctx: Ctx):
         msg = str(err)
         assert f"rank {ctx.rank}" in msg and f"peer {dead}" in msg and "slot" in msg, msg
         assert "dispatch" in msg and "expected sequence 2" in msg, msg
-        # the interpreter counts spin iterations (fused_backend.INTERPRETER_SPIN_S each): generous bound
+        # the interpreter counts spin iterations (parallel.heap.INTERPRETER_SPIN_S each): generous bound
         assert elapsed < 4 * timeout + 20, f"timed out after {elapsed:.1f} s, configured {timeout} s"
     else:
         raise AssertionError("no ExchangeTimeout although the last rank skipped its forward")

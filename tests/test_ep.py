@@ -92,6 +92,10 @@ def test_ep_scenario(transport, world, name, tmp_path_factory):
         else:
             print(f"rank {r}: {got['seconds']} s {got['info']}")
     assert not errors, f"{name} on {transport} x{world} (seed={res['seed']}):\n" + "\n".join(errors)
+    skipped = {got["info"]["skipped"] for got in (ranks.get(f"{transport}/{name}") for ranks in res["ranks"])
+               if isinstance(got["info"], dict) and "skipped" in got["info"]}
+    if skipped:  # the scenario does not apply to this transport: reported as such, not as a pass
+        pytest.skip(f"{name} on {transport}: {', '.join(sorted(skipped))}")
 
 
 # The ways an mpirun job starts torch.distributed (issue 14): plain mpirun with flashmoe_py's init_process_group

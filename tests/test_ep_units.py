@@ -520,3 +520,18 @@ def test_triton_over_nvshmem_never_synchronises(tmp_path, seed):
     assert layer.stats.host_syncs == 0
     _matches_reference(x, y, params, cfg)
     assert int(layer.stats.bytes_sent) == 0, "nothing crosses the wire with one rank"
+
+
+def test_device_exchange_refuses_slot_counts_past_int32():
+    # The collect kernel indexes received slots (W * max_tokens_per_rank * top_k) in int32: a heap with more is
+    # refused at construction, naming the argument, before a kernel could wrap an index.
+    from flashmoe_py.parallel.device_exchange import DeviceExchange, _PlanHeap
+
+    def exchange(tokens):
+        lay = TokenLayout.for_layer(world_size=8, top_k=8, max_tokens_per_rank=tokens, hidden_size=8, itemsize=2,
+                                    weight_itemsize=4)
+        return DeviceExchange(OneSidedExchange(_PlanHeap(lay, 0, 8), lay, timeout_s=1.0))
+
+    assert exchange(2**25 - 1).layout.slab_records == 8 * (2**25 - 1), "the largest that fits is accepted"
+    with pytest.raises(ValueError, match=r"max_tokens_per_rank: 33554432 tokens x top_k x 8 ranks = 2147483648"):
+        exchange(2**25)

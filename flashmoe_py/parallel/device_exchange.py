@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import torch
 
-from ..triton_backend import Launch, _run
-from .heap import ExchangeTimeout, SymmetricHeap
-from .layout import DISPATCH, REGION_NAMES, RETURN, SIGNAL_BYTES, TokenLayout
+from ..triton_backend import Launch, _pow2, _run
+from .heap import SymmetricHeap, device_wait_limit
+from .layout import DISPATCH, MORE_FLAG, REGION_NAMES, RETURN, SIGNAL_BYTES, TokenLayout
 from .protocol import OneSidedExchange
 
-INTERPRETER_SPIN_S = 2e-3  # seconds one spin iteration takes under the interpreter (waits count iterations)
-STATUS = {1: "wait", 3: "count"}
 _BLOCK = 32  # rows (and records) per put program; a launch has cdiv(max(rows, records), _BLOCK) programs per rank
 _WARPS = 4
 _COLLECT_ROWS = 64  # rows of a packet one collect program copies
@@ -47,6 +45,10 @@ class DeviceExchange:
         addresses = [heap.peer_address(p) for p in range(host.world_size)]
         if any(a is None for a in addresses):
             raise ValueError(f"transport {heap.name!r}: device-initiated exchanges need peers reachable by pointers")
+        if host.world_size * lay.slab_records >= 2**31:
+            raise ValueError(f"max_tokens_per_rank: {lay.slab_rows} tokens x top_k x {host.world_size} ranks = "
+                             f"{host.world_size * lay.slab_records} received slots, past the int32 slot indices of "
+                             "the device-initiated exchanges (kernels/exchange.py); use fewer tokens per rank")
         self.host, self.heap, self.layout = host, heap, lay
         self.rank, self.world_size = host.rank, host.world_size
         self.segment = heap.local(0, lay.size)
@@ -62,8 +64,7 @@ class DeviceExchange:
         self.status_addr = self.status.data_ptr()
         self.timer = gpu
         self.setup_syncs = 1  # the heap's allocation waited for every rank (a barrier): counted by the first call
-        self.limit = (min(int(host.timeout_s * 1e9) >> 10, 2**31 - 1) if gpu else
-                      max(1, int(host.timeout_s / INTERPRETER_SPIN_S)))
+        self.limit = device_wait_limit(host.timeout_s, gpu)
 
     def view(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(this rank's segment as `dtype` [size / itemsize], deltas [W] int64: a peer's copy of element i is at
@@ -78,20 +79,13 @@ class DeviceExchange:
     def check(self) -> None:
         """Raise the error of an earlier exchange that gave up waiting (no synchronisation: the status is host
         memory the kernel wrote)."""
-        if self.host.failed is not None:
-            raise RuntimeError(f"rank {self.rank}: an earlier exchange failed ({self.host.failed}); the heap's "
-                               "sequence numbers no longer agree across ranks: recreate the layer on every rank")
         code = int(self._status[0])
-        if not code:
+        if not code or self.host.failed is not None:  # a failure already raised: the next put says so
             return
         _, rank, peer, region, _, expected, seen = (int(v) for v in self._status[:7])
         if code == 1:
-            self.host.failed = (f"rank {rank}: timed out after {self.host.timeout_s:g} s waiting for peer {peer}: "
-                                f"{REGION_NAMES[region]} slot (src={peer}: its packet of rows for rank {rank}) "
-                                f"expected sequence {expected}, saw {seen >> 32}. The peer is dead, slow, or skipped "
-                                "an exchange (every rank must run each forward and backward of the layer)")
-            raise ExchangeTimeout(self.host.failed)
-        self.host.failed = (f"rank {rank}: peer {peer} signalled {seen & ((1 << 31) - 1)} rows in the "
+            self.host._timeout(region, peer, expected, seen)  # the host protocol's ExchangeTimeout, its words
+        self.host.failed = (f"rank {rank}: peer {peer} signalled {seen & (MORE_FLAG - 1)} rows in the "
                             f"{REGION_NAMES[region]} region, more than its {expected}-row slab")
         raise RuntimeError(self.host.failed)
 
@@ -266,7 +260,3 @@ def plan_launches(dtype: torch.dtype, world: int, tokens: int, hidden: int, top_
         dex.put(RETURN, x, table, counts, (records[0], None, records[2], records[3]))
         dex.collect(RETURN, dtype, hidden, top_k, "known", wdtype, counts, in_place=True)
     return launches
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()

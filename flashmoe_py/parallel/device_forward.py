@@ -22,11 +22,8 @@ from __future__ import annotations
 import torch
 
 from ..records import MoEParams
+from .forward import _acc_dtype
 from .layout import DISPATCH, RETURN
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _block_rows(counts: torch.Tensor, slab: int) -> torch.Tensor:

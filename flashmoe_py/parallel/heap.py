@@ -24,6 +24,14 @@ import torch
 
 from .layout import HeapLayout, TokenLayout
 
+INTERPRETER_SPIN_S = 2e-3  # seconds one spin iteration takes under the interpreter (device waits count iterations)
+
+
+def device_wait_limit(timeout_s: float, timer: bool) -> int:
+    """The `limit` argument of a device wait (kernels/signals.py) for a timeout of `timeout_s`: GPU (timer) units
+    of 1024 ns, in an int32 (up to about 36 minutes); the interpreter counts polls of about INTERPRETER_SPIN_S."""
+    return min(int(timeout_s * 1e9) >> 10, 2**31 - 1) if timer else max(1, int(timeout_s / INTERPRETER_SPIN_S))
+
 
 class TransportUnavailable(RuntimeError):
     """The named transport cannot run here; the message says why."""
