@@ -2,33 +2,38 @@
 (kernels/fused_moe.py, imported only here); the backward on the Triton backend's kernels.
 
 Forward, per rank: [router logits in PyTorch, only when the router needs a gradient] -> fused_moe_kernel:
-route, dispatch (one-sided puts + signals on the symmetric heap), up GEMM + activation, down GEMM, return,
-weighted combine (+ the shared expert's output, computed by PyTorch before the launch). One launch on a GPU
-(`stats.kernel_launches == 1`); five launches of the same kernel, one per phase, under TRITON_INTERPRET=1
-(the interpreter runs a launch's programs one after another). No host synchronisation: counts, offsets,
-losses and stats are written by the kernel.
+route, dispatch (one-sided puts + signals on the symmetric heap: one row per (token, rank) and a routing record
+per remote assignment), up GEMM + activation, down GEMM, per-source reduce of each token's expert outputs and
+its return (one partial-sum row per (token, rank)), rank-order combine (+ the shared expert's output, computed by
+PyTorch before the launch). One launch on a GPU (`stats.kernel_launches == 1`); one launch per phase under
+TRITON_INTERPRET=1 (the interpreter runs a launch's programs one after another): six with expert parallelism,
+five without (no reduce). No host synchronisation: counts, offsets, losses and stats are written by the kernel.
 
 Backward (autograd), reusing what exists:
   world size 1   triton_backend.experts_bwd_impl on what the kernel saved: order/slot_of (the Triton
-                 backend's layout), pre-activations and h, so nothing is recomputed.
-  world size W   the forward's expert part is recomputed through the transport's host-driven dispatch/return
-                 (parallel.forward.exchange_experts with the Triton backend's expert_ffn), then differentiated:
-                 four exchanges per backward (more when one row per (token, expert) needs several rounds of the
-                 per-(token, rank) slabs), host syncs included, as the unfused expert-parallel path has.
+                 backend's layout) and the pre-activations, so the GEMMs are not recomputed.
+  world size W   the forward's expert part is recomputed and differentiated: over shm and nvshmem through the
+                 device-initiated per-(token, rank) exchanges (parallel/device_forward.py, no host sync); over
+                 the in-process ranks (or with FLASHMOE_EP_DEVICE_EXCHANGE=0) through the host-driven
+                 per-(token, expert) `exchange_experts`.
   The router's gradient goes through PyTorch (its logits, scores and weights are re-expressed from the
   logits, as in the Triton backend).
 
 Persistent state (`FusedState`, one per (expert-parallel group or single device, dtype, shape)):
-  heap      this rank's segment of the symmetric heap (parallel/layout.py): W = 1 a plain tensor (signals and
-            one slab), W > 1 the shm heap (CPU) or the NVSHMEM heap (GPU), separate from the heap the
+  heap      this rank's segment of the symmetric heap (parallel/layout.py, HeapLayout): W = 1 a plain tensor
+            (signal words only), W > 1 the shm heap (CPU) or the NVSHMEM heap (GPU), separate from the heap the
             backward's exchanges use
   sync      [8 + 2 * HALF] int32: epoch, abort flag, two halves of per-launch counters (the kernel zeroes
             the half the next launch uses), so nothing is reset between launches or CUDA-graph replays
   table     [NB_MAX * E + 2E] int32: per-block expert counts -> offsets, counts, first sorted row per expert
   part      [NB_MAX * (E + 1)] fp32/fp64: loss partials
+  posmap    [W * max_tokens * k] int64 (W > 1): seq << 32 | record of each received (source, token, slot)
   status    [8] int64 (pinned host memory on GPUs): what a failed wait waited for
+  h, y      W > 1: [R, I] and [R, H] in the layer dtype, R = W * max_tokens * k (sized for the worst case: the
+            received counts live on the device)
 Per forward: out [T, H], ids [T, k] int64, weights [T, k], scores/logits [T, E], order/slot_of [T*k] int32,
-stats [E + 2 + W] int64, losses [3] (lb, z, aux), h [R, I] (+ pre [R, N_up] when saved for backward).
+stats [E + 2 + W] int64, losses [3] (lb, z, aux); W = 1: h [T*k, I], y [T*k, H] (+ pre [T*k, N_up] when saved for
+backward).
 
 Capacity (capacity_factor set): the kernel ranks each expert's assignments on the device after routing
 (weight descending, then token: the Triton backend's semantics) and keeps the best cfg.capacity(T) of each (T:
@@ -51,7 +56,7 @@ from . import env, interpreter_threads
 from .backends import BackendUnavailable
 from .config import MoEConfig
 from .parallel.heap import ExchangeTimeout, device_wait_limit
-from .parallel.layout import REGION_NAMES, HeapLayout
+from .parallel.layout import HeapLayout
 from .records import MoEOutput, MoEParams, MoEStats, Routing
 from .routing import ExpertOrder, router_logits, routing_losses, scores_from_logits, weights_from_scores
 
@@ -144,39 +149,37 @@ class FusedState:
         alloc = torch.device("meta") if meta else self.device
 
         if heap is None and world == 1:
-            # No heap needed (no peers): the signal words and one slab, the own RETURN slab where results are
-            # combined from; DISPATCH offsets alias it (nothing is ever staged for another rank).
-            layout = HeapLayout(1, e, max(1, tokens_cap * k), h * item)
-            size = layout.data_offset(0, 0) + layout.slab_bytes
-            self._segment = torch.zeros(size, dtype=torch.uint8, device=alloc)
-            self.data = (layout.data_offset(0, 0) // item,) * 2
-            self.rows_delta = torch.zeros(1, dtype=torch.int64, device=alloc)
-            self.words_delta = torch.zeros(1, dtype=torch.int64, device=alloc)
-            self.heap_addr = 0 if meta else self._segment.data_ptr()
+            # No peers, so no heap: a segment of the same layout for the signal words, with one-row slabs nothing
+            # is ever put into (the expert outputs are combined from the y buffer).
+            layout = HeapLayout(1, e, 1, h * item, _acc_dtype(dtype).itemsize, 1)
+        if heap is None:
+            self._segment = torch.zeros(layout.size, dtype=torch.uint8, device=alloc)
+            self.rows_delta = torch.zeros(world, dtype=torch.int64, device=alloc)
+            self.words_delta = torch.zeros(world, dtype=torch.int64, device=alloc)
+            self.heap_addr = 2 ** 40 if meta else self._segment.data_ptr()
         else:
-            self._segment = heap.local(0, layout.size) if heap is not None else \
-                torch.zeros(layout.size, dtype=torch.uint8, device=alloc)
-            self.data = (layout.data_offset(0, 0) // item, layout.data_offset(1, 0) // item)
-            if heap is not None:
-                own = heap.peer_address(rank)
-                addrs = [heap.peer_address(p) for p in range(world)]
-                if any(a is None or (a - own) % 128 for a in addrs):
-                    raise BackendUnavailable("backend='fused': a peer's heap segment is not mapped into this process")
-                self.rows_delta = torch.tensor([(a - own) // item for a in addrs], dtype=torch.int64, device=alloc)
-                self.words_delta = torch.tensor([(a - own) // 8 for a in addrs], dtype=torch.int64, device=alloc)
-                self.heap_addr = own
-            else:
-                self.rows_delta = torch.zeros(world, dtype=torch.int64, device=alloc)
-                self.words_delta = torch.zeros(world, dtype=torch.int64, device=alloc)
-                self.heap_addr = 2 ** 40
+            self._segment = heap.local(0, layout.size)
+            own = heap.peer_address(rank)
+            addrs = [heap.peer_address(p) for p in range(world)]
+            if any(a is None or (a - own) % 128 for a in addrs):
+                raise BackendUnavailable("backend='fused': a peer's heap segment is not mapped into this process")
+            self.rows_delta = torch.tensor([(a - own) // item for a in addrs], dtype=torch.int64, device=alloc)
+            self.words_delta = torch.tensor([(a - own) // 8 for a in addrs], dtype=torch.int64, device=alloc)
+            self.heap_addr = own
+        self.data = (layout.data_offset(0, 0) // item, layout.data_offset(1, 0) // item)
         self.layout = layout
         self.heap_rows = self._segment.view(dtype)
         self.heap_words = self._segment.view(torch.int64)
+        self.heap_recw = self._segment.view(_acc_dtype(dtype))  # routing records: weights, codes
+        self.heap_codes = self._segment.view(torch.int32)
+        wb = layout.weight_bytes
+        self.records = dict(rec0w=layout.record_offset(0, 0) // wb, rec0c=layout.record_offset(0, 1) // 4,
+                            rec_stride_w=layout.record_slab_bytes // wb, rec_stride_c=layout.record_slab_bytes // 4)
         self.sig = (layout.signal_offset(0, 0) // 8, layout.signal_offset(1, 0) // 8)
         self.slab_elems = layout.slab_bytes // item
 
-        # rows this rank may receive (h rows), row tiles of them (tile counters), token blocks (table rows)
-        self.max_rows = tokens_cap * k if world == 1 else world * layout.slab_rows
+        # assignment rows this rank may receive (h and y rows), row tiles of them (tile counters), token blocks
+        self.max_rows = tokens_cap * k if world == 1 else world * layout.slab_records
         self.max_tiles = _cdiv(self.max_rows, configs.FUSED_MIN_BLOCK_M) + e
         self.max_blocks = max(1, _cdiv(tokens_cap, configs.FUSED_MIN_BT))
         fused, _ = _kernels()
@@ -194,6 +197,10 @@ class FusedState:
         self.status_addr = 2 ** 40 if meta else self.status.data_ptr()
         self.true = torch.ones((), dtype=torch.bool, device=alloc)  # expanded into Routing.kept: no launch
         self._h = None  # W > 1: the h buffer [max_rows, I], kept (h is not saved for backward there)
+        self._y = None  # the expert outputs [max_rows, H] (W = 1: [T * k, H] per call)
+        # (seq << 32 | record) per received (source, token, slot); entries of an earlier launch carry an older seq
+        self.posmap = torch.zeros(max(1, world * layout.slab_rows * k) if world > 1 else 1, dtype=torch.int64,
+                                  device=alloc)
 
     def poison_results(self) -> None:
         """FLASHMOE_DEBUG_POISON: NaN into this rank's RETURN slabs before a launch, so a result row the combine
@@ -209,6 +216,14 @@ class FusedState:
         if self._h is None:
             self._h = torch.empty(self.max_rows, inner, dtype=self.dtype, device=self.device)
         return self._h
+
+    def y_buffer(self, rows: int) -> torch.Tensor:
+        hidden = self.cfg.hidden_size
+        if self.world == 1:
+            return torch.empty(rows, hidden, dtype=self.dtype, device=self.device)
+        if self._y is None:
+            self._y = torch.empty(self.max_rows, hidden, dtype=self.dtype, device=self.device)
+        return self._y
 
     def check(self) -> None:
         """Raise the error of an earlier launch that gave up waiting (GPU: seen from the next call, no sync)."""
@@ -226,16 +241,17 @@ class FusedState:
         _, rank, peer, region, slot, expected, seen = st[:7]
         el = self.cfg.num_experts // self.world
         if code in (1, 2):
-            owner = rank if region == 0 else peer
-            return (f"rank {rank}: timed out after {self.timeout_s:g} s waiting for peer {peer}: "
-                    f"{REGION_NAMES[region]} slot (src={peer}, expert {slot} = global expert {owner * el + slot}) "
+            what = (f"dispatch slot (src={peer}, expert {slot} = global expert {rank * el + slot})" if region == 0
+                    else f"return slot (src={peer}: its partial sums of this rank's tokens)")
+            return (f"rank {rank}: timed out after {self.timeout_s:g} s waiting for peer {peer}: {what} "
                     f"expected sequence {expected}, saw {seen >> 32}. The peer is dead, slow, or skipped a forward "
                     "(every rank must run each forward of the layer)")
         if code == 3:
-            return (f"rank {rank}: peer {peer} signalled {seen} rows in the dispatch region, more than the "
-                    f"{expected}-row slab it may fill")
+            return (f"rank {rank}: peer {peer} signalled {seen} routing records in the dispatch region, more than "
+                    f"the {expected} its record slab holds")
         what = {0: "the routing barrier", 2: "the tile counters (more row tiles than sized for)",
-                3: "the up-projection tiles of a row tile"}.get(region, "a local counter")
+                3: "the up-projection tiles of a row tile", 4: "the capacity order tasks",
+                5: "the capacity stage tasks"}.get(region, "a local counter")
         return f"rank {rank}: the fused kernel timed out waiting for {what} on its own rank (slot {slot}): a bug"
 
 
@@ -412,9 +428,10 @@ def _prepare(state: FusedState, call: _Call, target: str, nprog: int, puts: str)
     order, slot_of = out((t * k,), torch.int32), out((t * k,), torch.int32)
     cap = cfg.capacity(t)  # None: dropless; else rows each expert keeps (of this rank's tokens)
     dl_order = out((t * k,), torch.int32) if cap is not None else order  # the order tasks' dropless order
-    h = state.h_buffer(rows)
+    h, y = state.h_buffer(rows), state.y_buffer(rows)
     if poison:
         h.fill_(float("nan"))
+        y.fill_(float("nan"))
         state.poison_results()
     pre = out((rows, cfg.up_size), x.dtype) if call.save else None
     stats, losses = out((e + 2 + w,), torch.int64), out((3,), acc)
@@ -430,17 +447,21 @@ def _prepare(state: FusedState, call: _Call, target: str, nprog: int, puts: str)
     args = dict(
         out_ptr=res["out"], ids_ptr=ids, wts_ptr=wts, scores_ptr=scores, logits_ptr=logits, order_ptr=order,
         slot_ptr=slot_of, h_ptr=h, pre_ptr=pre, stats_ptr=stats, loss_ptr=losses, claims_ptr=res["claims"],
+        y_ptr=y, posmap_ptr=state.posmap,
         x_ptr=x, router_ptr=router if call.routing_mode == "compute" else None,
         ebias_ptr=p.expert_bias if (cfg.expert_bias and not given) else None, addend_ptr=call.addend,
         w_up_ptr=p.w_up, b_up_ptr=p.b_up, w_down_ptr=p.w_down, b_down_ptr=p.b_down,
         sync_ptr=state.sync, table_ptr=state.table, part_ptr=state.part, heap_rows=state.heap_rows,
-        heap_words=state.heap_words, rows_delta_ptr=state.rows_delta, words_delta_ptr=state.words_delta,
+        heap_words=state.heap_words, heap_recw=state.heap_recw, heap_codes=state.heap_codes,
+        rows_delta_ptr=state.rows_delta, words_delta_ptr=state.words_delta,
         counts_ptr=state.counts, gstart_ptr=state.gstart, heap_addr=state.heap_addr, status_addr=state.status_addr,
         T=t, H=hidden, INNER=inner, me=state.rank, NB=nb, NC=nc, nprog=nprog, HALF=state.half,
-        G_MAX=state.max_tiles, slab_rows=state.layout.slab_rows, slab_elems=state.slab_elems, data0=state.data[0],
-        data1=state.data[1], sig0=state.sig[0], sig1=state.sig[1], limit=limit, scale_hi=scale_hi,
+        G_MAX=state.max_tiles, slab_rows=state.layout.slab_rows, slab_records=state.layout.slab_records,
+        slab_elems=state.slab_elems, data0=state.data[0], data1=state.data[1], sig0=state.sig[0], sig1=state.sig[1],
+        **state.records, limit=limit, scale_hi=scale_hi,
         scale_lo=scale - scale_hi, lb_coef=float(cfg.aux_loss_coef), z_coef=float(cfg.z_loss_coef),
-        dl_order_ptr=dl_order, cap=0 if cap is None else cap, NS=max(1, _cdiv(t * k, aux["BRS"])))
+        dl_order_ptr=dl_order, cap=0 if cap is None else cap, NS=max(1, _cdiv(t * k, aux["BRS"])),
+        NR=_cdiv(state.layout.slab_rows, aux["BTC"]))
     constexprs = dict(
         ROUTING=call.routing_mode, PUTS=puts, USE_TIMER=timer,
         WAIT_LANES=max(32 * warps, e_pad), E=e, EL=el, W=w, TOPK=k, ACT=act,
@@ -448,7 +469,8 @@ def _prepare(state: FusedState, call: _Call, target: str, nprog: int, puts: str)
         HAS_BIAS=p.b_up is not None, HAS_ADDEND=call.addend is not None, SAVE_PRE=call.save, NATIVE_DOT=native,
         GROUPS=cfg.num_expert_groups, TOPK_GROUPS=cfg.topk_groups, SIGMOID=cfg.score_func == "sigmoid",
         HAS_EBIAS=cfg.expert_bias and not given, RENORM=cfg.renormalize, ITEM=x.dtype.itemsize,
-        ROW_BYTES=hidden * x.dtype.itemsize, E_PAD=e_pad, EL_PAD=max(2, _pow2(el)), W_PAD=max(2, _pow2(w)),
+        ROW_BYTES=hidden * x.dtype.itemsize, REC_W=acc.itemsize, E_PAD=e_pad, EL_PAD=max(2, _pow2(el)),
+        W_PAD=max(2, _pow2(w)),
         K_PAD=max(2, _pow2(k)), G_PAD=max(2, _pow2(cfg.num_expert_groups)), BT=bt, BTC=aux["BTC"], BR=aux["BR"],
         BH=aux["BH"], CB=aux["CB"], TN0=aux["TN0"], TN1=aux["TN1"], BM=bm, BN0=bn0, BK0=bk0, BN1=bn1, BK1=bk1,
         EVEN_K0=hidden % bk0 == 0,
@@ -482,7 +504,8 @@ def _launch(state: FusedState, call: _Call) -> tuple[dict, int, int]:
     kernel = fused.fused_moe_kernel
     syncs = _first_launch(state, kernel, target, nprog, puts, args, constexprs, options)
     if target == "interpreter":
-        phases = ("all",) if concurrent or alone else ("route", "dispatch", "gemm0", "gemm1", "combine")
+        phases = ("all",) if concurrent or alone else \
+            tuple(p for p in fused.PHASE_ORDER if state.world > 1 or p != "reduce")  # W = 1: nothing to reduce
         for phase in phases:  # concurrent: the programs run at once, as on a GPU, so the one launch a GPU makes
             kernel[(nprog,)](**args, PHASE=fused.PHASES[phase], **constexprs, **options)
         return res, len(phases), syncs

@@ -86,6 +86,8 @@ FUSED_CASES = (
                        num_shared_experts=1, capacity_factor=1.25), 16384, 1, "ptr", "logits", True, ("bf16", "fp32"),
      ("sm_90", "sm_80")),
     ("fused-ep8", dict(activation="swiglu"), 2048, 8, "nvshmem", "compute", False, ("bf16",), ("sm_90",)),
+    # expert parallelism with peer-pointer puts (shm; NVLink peers of an NVSHMEM heap): the reduce task's stores
+    ("fused-ep8p", dict(activation="swiglu"), 2048, 8, "ptr", "compute", False, ("bf16",), ("sm_90", "sm_80")),
 )
 
 # The device-initiated exchanges of the triton backend's expert parallelism (parallel/device_exchange.py): one forward

@@ -107,9 +107,12 @@ FUSED = {
 }
 # With a parameterised gated activation (swiglu_oai, swiglu_clamped, swiglu_softcap), or any gated one whose
 # pre-activations are saved for backward, the up-GEMM epilogue needs a few registers more than sm_90's 16-bit prefill
-# tile leaves (Triton 3.6 spilled 16-64 B, 3.9 24 B with biases): half as many up columns per tile there.
+# tile leaves (Triton 3.6 spilled 16-64 B, 3.9 24 B with biases): half as many up columns per tile there. Since the
+# kernel returns one row per (token, rank) (its y buffer, reduce and rank-order combine), plain swiglu on sm_90 16-bit
+# spills 12 B at 255 registers too (Triton 3.9; at 255 with none before): FUSED_NARROW_UP_ALWAYS.
 FUSED_NARROW_UP = {("sm_90", "prefill"): {2: (128, 32, 64, 64, 64, 8, 3)},
                    ("sm_80", "prefill"): {2: (128, 32, 32, 64, 32, 8, 3)}}
+FUSED_NARROW_UP_ALWAYS = {("sm_90", "prefill")}  # every gated activation takes FUSED_NARROW_UP there
 # A plain activation on sm_80 fp32: at 4 warps ptxas spills 148 B at 255 registers (the router's in-kernel logits
 # and the single accumulator's epilogue); 8 warps halve each thread's share (184 registers, no spills). The gated
 # ones stay at 4 warps: at 8 ptxas caps them at 128 registers and spills 436 B.
@@ -146,7 +149,7 @@ def fused_config(target: str, regime_name: str, itemsize: int, puts: str = "ptr"
     if puts == "nvshmem" and (target, "nvshmem") in FUSED:
         return FUSED[(target, "nvshmem")][itemsize]
     key = (target, regime_name)
-    if gated and (param_act or save) and itemsize in FUSED_NARROW_UP.get(key, {}):
+    if gated and (param_act or save or key in FUSED_NARROW_UP_ALWAYS) and itemsize in FUSED_NARROW_UP.get(key, {}):
         return FUSED_NARROW_UP[key][itemsize]
     if not gated and itemsize in FUSED_PLAIN.get(key, {}):
         return FUSED_PLAIN[key][itemsize]

@@ -12,6 +12,9 @@ the contract of the `_block` variants; where NVSHMEM's function is per thread, t
                                                          nbytes from src to pe's dst, then pe's 64-bit
                                                          word sig = value once the bytes are there.
                                                          Every thread (collective over the block).
+  putmem_block(dst, src, nbytes, pe)                     nvshmemx_putmem_nbi_block: the same without a signal;
+                                                         a quiet, then a signal_set, publishes the bytes.
+                                                         Every thread (collective over the block).
   signal_set(sig, value, pe)                             nvshmemx_signal_op(sig, value, SIGNAL_SET, pe), by
                                                          thread (0, 0, 0) alone: one remote write per
                                                          program, not one per thread. It orders nothing the
@@ -74,6 +77,13 @@ def extern_libs(arch: int) -> tuple:
 def putmem_signal_block(dst, src, nbytes, sig, value, pe, _semantic=None):
     return core.extern_elementwise(SHIM_NAME, SHIM_PATH, [dst, src, nbytes, sig, value, pe],
                                    {(_I64, _I64, _I64, _I64, _I64, _I32): ("flashmoe_putmem_signal_block", _I32)},
+                                   is_pure=False, _semantic=_semantic)
+
+
+@core.extern
+def putmem_block(dst, src, nbytes, pe, _semantic=None):
+    return core.extern_elementwise(SHIM_NAME, SHIM_PATH, [dst, src, nbytes, pe],
+                                   {(_I64, _I64, _I64, _I32): ("flashmoe_putmem_block", _I32)},
                                    is_pure=False, _semantic=_semantic)
 
 

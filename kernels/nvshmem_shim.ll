@@ -9,6 +9,8 @@
 ; Which threads call what:
 ;   putmem_signal_block  every thread: the _block variant is collective over the block (the threads share
 ;                        the copy, and the signal is written once).
+;   putmem_block         every thread, as putmem_signal_block, without a signal (a later quiet + signal_set
+;                        publishes the bytes).
 ;   signal_set           thread (0, 0, 0) only: nvshmemx_signal_op is one remote write (a P2P store, or an
 ;                        atomic over the network) per calling thread; from every thread it would be 256 of them.
 ;   quiet                every thread: NVSHMEM's device quiet completes and orders the calling thread's own
@@ -17,6 +19,7 @@
 ;                        program per launch, so the redundant calls cost little.
 
 declare void @nvshmemx_putmem_signal_nbi_block(ptr, ptr, i64, ptr, i64, i32, i32)
+declare void @nvshmemx_putmem_nbi_block(ptr, ptr, i64, i32)
 declare void @nvshmemx_signal_op(ptr, i64, i32, i32)
 declare void @nvshmem_quiet()
 declare i32 @llvm.nvvm.read.ptx.sreg.tid.x()
@@ -32,6 +35,13 @@ define i32 @flashmoe_putmem_signal_block(i64 %dst, i64 %src, i64 %nbytes, i64 %s
   %g = inttoptr i64 %sig to ptr
   %op = load i32, ptr @flashmoe_signal_set_op
   call void @nvshmemx_putmem_signal_nbi_block(ptr %d, ptr %s, i64 %nbytes, ptr %g, i64 %value, i32 %op, i32 %pe)
+  ret i32 0
+}
+
+define i32 @flashmoe_putmem_block(i64 %dst, i64 %src, i64 %nbytes, i32 %pe) noinline {
+  %d = inttoptr i64 %dst to ptr
+  %s = inttoptr i64 %src to ptr
+  call void @nvshmemx_putmem_nbi_block(ptr %d, ptr %s, i64 %nbytes, i32 %pe)
   ret i32 0
 }
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import flashmoe_py as fm
 from flashmoe_py.bench import counting
 from flashmoe_py.parallel import ExchangeTimeout, ExpertParallel, HeapOverflow
-from tests.helpers import random_params
+from tests.helpers import fused_wire_bytes, random_params
 from tests.tolerances import assert_close
 
 H, FFN, E = 16, 8, 8  # hidden size, expert width, experts
@@ -375,7 +375,14 @@ def bytes_exact_k3_h128_fp32(ctx: Ctx):
     rows = _pairs(owners, ctx.world)[ctx.rank].sum(0) if ctx.transport in ONE_SIDED else \
         torch.bincount(owners[ctx.rank].reshape(-1), minlength=ctx.world)
     found = {}
-    for backend in ("reference", "triton") if ctx.transport in ONE_SIDED else ("reference",):
+    w, el = ctx.world, ctx.el(cfg)
+    for backend in ("reference", "triton") + (("fused",) if ctx.transport == "shm" else ()) \
+            if ctx.transport in ONE_SIDED else ("reference",):
+        want, want_total = expect, info["wire_total"]
+        if backend == "fused":  # the same rows and records; its signal words: one per (peer, local expert) out and
+            # one per peer back (tests.helpers.fused_wire_bytes)
+            want += ((w - 1) * (el + 1) - 2 * (w - 1)) * SIGNAL_BYTES
+            want_total += w * ((w - 1) * (el + 1) - 2 * (w - 1)) * SIGNAL_BYTES
         layer = _layer(ctx, cfg, torch.float32, params, backend=backend, max_tokens_per_rank=16)
         runs = []
         for _ in range(2):
@@ -386,10 +393,10 @@ def bytes_exact_k3_h128_fp32(ctx: Ctx):
         for name, a, b in zip(names, *runs):
             assert torch.equal(a, b), f"{backend}: {name}: two runs differ"
         sent = int(layer.stats.bytes_sent)
-        assert sent == expect, f"{backend}: bytes_sent {sent} != exact {expect} ({info})"
+        assert sent == want, f"{backend}: bytes_sent {sent} != exact {want} ({info})"
         total = torch.tensor([float(sent)])
         dist.all_reduce(total, group=ctx.group)
-        assert int(total) == info["wire_total"], f"{backend}: total bytes {int(total)} != {info}"
+        assert int(total) == want_total, f"{backend}: total bytes {int(total)} != {want_total} ({info})"
         got_rows = layer.stats.rows_per_peer.tolist()
         assert got_rows == rows.tolist(), f"{backend}: rows_per_peer {got_rows} != {rows}"
         found[backend] = sent
@@ -409,9 +416,12 @@ def all_k_on_one_remote_rank_fp64(ctx: Ctx):
     weights = [torch.rand(x.shape[0], 3, dtype=torch.float64, generator=gen) + 0.1 for x in xs]
     ep = ExpertParallel(cfg, ctx.group, ctx.transport, max_tokens_per_rank=16, timeout_s=TIMEOUT_S)
     info = {}
-    for backend in ("reference", "triton"):
+    for backend in ("reference", "triton") + (("fused",) if ctx.transport == "shm" else ()):
         got = _check(ctx, cfg, torch.float64, params, xs, gs, routing=(ids, weights), ep=ep, backend=backend)
         expect, acc = _expected_bytes(ctx, cfg, [i // el for i in ids], 8)
+        if backend == "fused":  # its signal words: one per (peer, local expert) out, one per peer back
+            expect += ((w - 1) * (el + 1) - 2 * (w - 1)) * SIGNAL_BYTES
+            assert expect == fused_wire_bytes(ids, el, ctx.rank, cfg.hidden_size, 8), "two formulas disagree"
         assert got["bytes_sent"] == expect, f"{backend}: bytes_sent {got['bytes_sent']} != exact {expect} ({acc})"
         t = xs[ctx.rank].shape[0]
         rows = [0] * w

@@ -24,11 +24,12 @@ import flashmoe_py as fm
 from flashmoe_py import fused_backend, interpreter_threads
 from flashmoe_py.parallel import ExchangeTimeout, ExpertParallel, HeapOverflow
 from tests.ep_worker import Ctx, _data, _reference, run_scenario, write_and_leave
+from tests.helpers import fused_wire_bytes, token_rank_hits
 from tests.tolerances import assert_close
 
 H, FFN, E = 24, 20, 8  # H: a full and a partial 16-wide reduction tile; FFN: a full and a partial column tile
 TIMEOUT_S = 30.0  # generous: the interpreter is slow, and a failing scenario makes its peer wait this long
-PHASED_LAUNCHES = 5  # phases of one forward under the plain interpreter
+PHASED_LAUNCHES = 6  # phases of one forward under the plain interpreter
 MODE = {"concurrent": False}  # --concurrent: every launch is the one PHASE=ALL launch, its programs as threads
 SCENARIOS: dict = {}
 
@@ -50,14 +51,13 @@ def _layer(ctx: Ctx, cfg, dtype, params: dict, group=None, **kw) -> fm.FusedMoE:
     return layer
 
 
+def _rows_per_peer(ctx: Ctx, cfg, ids: torch.Tensor) -> list:
+    """Rows a rank dispatches to each rank (own included): one per (token, rank) with a kept expert there."""
+    return token_rank_hits(ids, ctx.el(cfg), ctx.world).sum(0).tolist()
+
+
 def _min_bytes(ctx: Ctx, cfg, routed_ids: list, itemsize: int) -> int:
-    """The exact bytes a rank puts: rows to other ranks + rows returned to other ranks, plus one 8-byte
-    signal word per (peer, expert) packet in each direction."""
-    el, r = ctx.el(cfg), ctx.rank
-    owners = [ids.reshape(-1) // el for ids in routed_ids]
-    sent = int((owners[r] != r).sum())
-    returned = sum(int((o == r).sum()) for i, o in enumerate(owners) if i != r)
-    return (sent + returned) * cfg.hidden_size * itemsize + 2 * (ctx.world - 1) * el * 8
+    return fused_wire_bytes(routed_ids, ctx.el(cfg), ctx.rank, cfg.hidden_size, itemsize)
 
 
 def _train_step(ctx: Ctx, cfg, dtype, params, xs, gs) -> dict:
@@ -76,7 +76,7 @@ def _train_step(ctx: Ctx, cfg, dtype, params, xs, gs) -> dict:
     ids = [fm.moe(x, params, cfg, backend="reference").routing.topk_ids for x in xs]
     expect = _min_bytes(ctx, cfg, ids, torch.empty((), dtype=dtype).element_size())
     assert int(stats.bytes_sent) == expect, f"bytes_sent {int(stats.bytes_sent)} != minimum {expect}"
-    per_peer = torch.bincount(ids[r].reshape(-1) // ctx.el(cfg), minlength=ctx.world).tolist()
+    per_peer = _rows_per_peer(ctx, cfg, ids[r])
     assert stats.rows_per_peer.tolist() == per_peer, f"rows_per_peer {stats.rows_per_peer} != {per_peer}"
 
     x = xs[r].clone().requires_grad_()
@@ -130,7 +130,7 @@ def capacity_fp64(ctx: Ctx):
     assert_close(res.out, outs[r], torch.float64, f"rank {r} inference out")
     assert torch.equal(res.routing.kept, refs[r].routing.kept), "capacity kept different assignments"
     assert int(res.stats.dropped) == int(refs[r].stats.dropped) > 0, (res.stats.dropped, refs[r].stats.dropped)
-    kept_ids = [ref.routing.topk_ids[ref.routing.kept] for ref in refs]
+    kept_ids = [torch.where(ref.routing.kept, ref.routing.topk_ids, -1) for ref in refs]
     expect = _min_bytes(ctx, cfg, kept_ids, 8)
     assert int(res.stats.bytes_sent) == expect, f"bytes_sent {int(res.stats.bytes_sent)} != minimum {expect}"
     x = xs[r].clone().requires_grad_()
@@ -175,7 +175,10 @@ def all_to_rank0_and_empty(ctx: Ctx):
         ref = fm.moe(xs[r], params, cfg, backend="reference", topk_ids=ids[r], topk_weights=ref_w)
         (ref.out * gs[r]).sum().backward()
         assert_close(w.grad, ref_w.grad, torch.float64, f"rank {r} topk_weights.grad")
-    expect = [2 * xs[r].shape[0]] + [0] * (ctx.world - 1)
+    # All k experts of every token on one rank: one row out and one back per token of the other ranks.
+    sent = fused_wire_bytes(ids, el, r, cfg.hidden_size, 8)
+    assert int(res.stats.bytes_sent) == sent, f"bytes_sent {int(res.stats.bytes_sent)} != minimum {sent}"
+    expect = [xs[r].shape[0]] + [0] * (ctx.world - 1)  # one row per token, a repeated expert included
     assert res.stats.rows_per_peer.tolist() == expect, f"rows_per_peer {res.stats.rows_per_peer} != {expect}"
     ep.close()
     return {"rows_per_peer": expect}
@@ -218,7 +221,13 @@ def bf16_caller_routing(ctx: Ctx):
     ref = fm.moe(torch.cat(xs), params, cfg, backend="reference", topk_ids=torch.cat(ids),
                  topk_weights=torch.cat(weights)).out.split([x.shape[0] for x in xs])[ctx.rank]
     assert_close(out, ref, torch.bfloat16, f"rank {ctx.rank} bf16 out")
-    return {}
+    expect = _min_bytes(ctx, cfg, ids, 2)  # bf16 rows, fp32 weights in the records
+    assert int(layer.stats.bytes_sent) == expect, f"bytes_sent {int(layer.stats.bytes_sent)} != minimum {expect}"
+    # Every sum has a fixed order (slot order on the expert's rank, rank order on the token's), so a second run,
+    # its programs racing differently, gives the same bits.
+    again = layer(xs[ctx.rank], topk_ids=ids[ctx.rank], topk_weights=weights[ctx.rank])
+    assert torch.equal(again, out), f"rank {ctx.rank}: a second forward differs by {(again - out).abs().max()}"
+    return {"bytes_sent": expect}
 
 
 @scenario
@@ -234,7 +243,7 @@ def world_size_one_groups(ctx: Ctx):
             out = layer(xs[ctx.rank])
         assert_close(out, fm.moe(xs[ctx.rank], params, cfg, backend="reference").out, torch.float64,
                      f"rank {ctx.rank} alone")
-    assert layer.stats.bytes_sent == 0 and layer.stats.rows_per_peer.tolist() == [2 * xs[ctx.rank].shape[0]]
+    assert layer.stats.bytes_sent == 0 and layer.stats.rows_per_peer.tolist() == [xs[ctx.rank].shape[0]]
     return {}
 
 

@@ -142,3 +142,24 @@ def run_ranks(cmd: list, env: dict, cwd, out, world: int, timeout_s: float, seed
             return {"failure": f"rank {r} wrote no results, exit code {proc.returncode} (seed={seed})\n{log[-4000:]}"}
         ranks.append(json.loads(path.read_text()))
     return {"ranks": ranks, "seed": seed, "returncode": proc.returncode, "log": log[-4000:]}
+
+
+def token_rank_hits(ids: torch.Tensor, num_local: int, world: int) -> torch.Tensor:
+    """[T, W] bool: token t has a (kept) expert on rank d; ids [T, k] global experts, -1 for a dropped one."""
+    owners = torch.where(ids >= 0, ids // num_local, -1)
+    return (owners.unsqueeze(2) == torch.arange(world, device=ids.device)).any(1)
+
+
+def fused_wire_bytes(routed_ids: list, num_local: int, rank: int, hidden: int, itemsize: int) -> int:
+    """The exact bytes the fused kernel's rank `rank` puts, from every rank's ids [T_r, k] (-1 where dropped): one
+    row per (token, other rank) with a kept expert there and a routing record (weight: 8 bytes for fp64 layers, else
+    4; + an int32 code) per such assignment; one partial-sum row back per (other rank's token, this rank); one
+    8-byte signal per (peer, local expert) record packet out and one per peer back."""
+    world = len(routed_ids)
+    hits = [token_rank_hits(ids, num_local, world) for ids in routed_ids]
+    rows_out = int(hits[rank].sum()) - int(hits[rank][:, rank].sum())
+    mine = routed_ids[rank]
+    records = int(((mine >= 0) & (mine // num_local != rank)).sum())
+    rows_back = sum(int(h[:, rank].sum()) for i, h in enumerate(hits) if i != rank)
+    record = (8 if itemsize == 8 else 4) + 4
+    return (rows_out + rows_back) * hidden * itemsize + records * record + (world - 1) * (num_local + 1) * 8

@@ -5,11 +5,12 @@ own test:
   w2          2 ranks, every scenario, each forward the one PHASE=ALL launch a GPU makes, its programs running
               as concurrent threads (flashmoe_py.interpreter_threads): what a GPU runs
   w4          4 ranks, the same, on the scenarios that vary token counts and empty experts
-  w2-phases   2 ranks, phase by phase (five launches a forward, programs one after another), on a training step
+  w2-phases   2 ranks, phase by phase (six launches a forward, programs one after another), on a training step
               and a peer that skips a forward: the phase-split path stays tested.
 What they check is listed in tests/fused_worker.py:
 forward (routing in the kernel) and backward equal the reference on all tokens, bytes_sent equal to the exact
-minimum, caller routing with everything sent to one rank and a rank without tokens, repeated forwards on one
+minimum (one row per (token, rank) each way, a record per remote assignment, the signal words), two runs giving the
+same bits, caller routing with everything sent to one rank and a rank without tokens, repeated forwards on one
 heap, bf16, a group of one rank, HeapOverflow and transport refusals, and a peer that skips a forward ->
 ExchangeTimeout naming rank, peer and slot.
 """

@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 import flashmoe_py as fm  # noqa: E402
 from flashmoe_py.parallel import HeapOverflow  # noqa: E402
 from flashmoe_py.parallel.local import LocalRanks  # noqa: E402
-from tests.helpers import random_params  # noqa: E402
+from tests.helpers import fused_wire_bytes, random_params  # noqa: E402
 from tests.tolerances import assert_close  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -30,16 +30,6 @@ EXPERT_TENSORS = ("w_up", "w_down", "b_up", "b_down")
 def _split(params: dict, world: int, rank: int) -> dict:
     el = E // world
     return {n: (t[rank * el:(rank + 1) * el] if n in EXPERT_TENSORS else t) for n, t in params.items()}
-
-
-def _min_bytes(ids: list, world: int, rank: int, itemsize: int) -> int:
-    """Rows this rank sends to other ranks and returns to them, one per (token, expert), plus one signal word per
-    (peer, local expert) packet each way: what the fused kernel puts today."""
-    el = E // world
-    owners = [i.reshape(-1) // el for i in ids]
-    sent = int((owners[rank] != rank).sum())
-    returned = sum(int((o == rank).sum()) for i, o in enumerate(owners) if i != rank)
-    return (sent + returned) * H * itemsize + 2 * (world - 1) * el * 8
 
 
 def _check(ranks: LocalRanks, cfg, params: dict, xs: list, dtype, first: bool) -> list:
@@ -55,7 +45,7 @@ def _check(ranks: LocalRanks, cfg, params: dict, xs: list, dtype, first: bool) -
         assert got.backend == "fused" and got.stats.kernel_launches == 1 and got.stats.host_syncs == syncs
         assert_close(got.out, want, dtype, f"rank {r} out")
         assert torch.equal(got.routing.topk_ids, ids[r]), f"rank {r}: chosen experts differ"
-        assert int(got.stats.bytes_sent) == _min_bytes(ids, world, r, xs[0].element_size())
+        assert int(got.stats.bytes_sent) == fused_wire_bytes(list(ids), E // world, r, H, xs[0].element_size())
         claims = got.stats.tasks_per_program
         assert int((claims > 0).sum()) > 1, f"rank {r}: one program did all the work: {claims.tolist()}"
     return outs

@@ -128,6 +128,7 @@ def test_signal_set_signals_from_thread_0_alone():
 def test_block_put_and_quiet_are_called_by_every_thread():
     everyone = [THREAD0, *OTHERS]
     assert _threads_calling(_shim(), "flashmoe_putmem_signal_block", "nvshmemx_putmem_signal_nbi_block") == everyone
+    assert _threads_calling(_shim(), "flashmoe_putmem_block", "nvshmemx_putmem_nbi_block") == everyone
     assert _threads_calling(_shim(), "flashmoe_quiet", "nvshmem_quiet") == everyone
 
 

@@ -205,10 +205,11 @@ def test_combine_row_offsets(shape, seed):
 # Fused kernel (kernels/fused_moe.py)
 # ----------------------------------------------------------------------------------------------------------
 
-# The expert-parallel heap of DeepSeek-V3 on 8 ranks: 256 experts (32 per rank), k=8, H=7168, bf16, 4096
-# tokens per rank. One slab holds 4096 * 8 rows of H: 2.3e8 elements; the RETURN region starts past 1.9e9
-# elements, and its slab of rank 2 onwards lies past 2^31 elements (issue 11's example).
-EP_SHAPE = dict(world=8, num_experts=256, top_k=8, tokens=4096, hidden=7168, ffn=2048, dtype=torch.bfloat16)
+# The expert-parallel heap of DeepSeek-V3 on 8 ranks: 256 experts (32 per rank), k=8, H=7168, bf16, 32768
+# tokens per rank (a training micro-batch of 8 x 4096). One slab holds a row per token, 32768 rows of H: 2.3e8
+# elements; the RETURN region starts past 1.9e9 elements, and its slab of rank 2 onwards lies past 2^31 elements
+# (issue 11's example, at the per-(token, expert) heap's 4096 tokens then).
+EP_SHAPE = dict(world=8, num_experts=256, top_k=8, tokens=32768, hidden=7168, ffn=2048, dtype=torch.bfloat16)
 
 
 def _ep_state():

@@ -79,7 +79,8 @@ class ExpertParallel:
                                "pass a larger max_tokens_per_rank= or set FLASHMOE_EP_MAX_TOKENS")
 
     def layout_for(self, dtype: torch.dtype) -> HeapLayout:
-        """The fused kernel's per-(token, expert) heap layout for `dtype` (fused_backend.py)."""
+        """The fused kernel's heap layout for `dtype` (fused_backend.py): rows per (token, rank), per-expert record
+        packets, partial sums back."""
         cfg = self.config
         itemsize = torch.empty((), dtype=dtype).element_size()
         return HeapLayout.for_layer(self.world_size, self.num_local_experts, cfg.top_k, self.max_tokens_per_rank,

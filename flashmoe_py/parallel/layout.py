@@ -7,45 +7,51 @@ handshake. Two layouts, one per protocol:
 - `TokenLayout`: the host-driven exchange of protocol.py (the unfused expert-parallel path over shm, mpi and
   nvshmem): one row per (token, destination rank) with its routing records, one packet (and one signal
   word) per (source, receiver) pair. Described at the class.
-- `HeapLayout`: the persistent fused kernel's (DESIGN §6): one row per (token, expert), one packet per
-  (source, receiver-side expert). A device program puts rows and signals at these offsets, peer segments
-  addressed as int64 base addresses (`SymmetricHeap.peer_address`) cast to pointers. Described below.
+- `HeapLayout`: the persistent fused kernel's (DESIGN §6): one row per (token, destination rank) with a routing
+  record per assignment, per-expert record packets (one signal word per (source, receiver-side expert)) on the
+  way out, one partial-sum row per (token, rank) and one signal word per pair on the way back. A device program
+  puts rows, records and signals at these offsets, peer segments addressed as int64 base addresses
+  (`SymmetricHeap.peer_address`) cast to pointers. Described below.
 
 HeapLayout
 ----------
 
 Segment of rank r (offsets in bytes from the segment base; every block starts 128-byte aligned)::
 
-    header      8 int64        MAGIC, VERSION, W, E_local, slab_rows, row_bytes, seq[DISPATCH], seq[RETURN]
-    signals[0]  [W, E_local]   int64  DISPATCH signal of packet (src, e): written by rank src only
-    signals[1]  [W, E_local]   int64  RETURN signal of packet (src, e): written by rank src only
-    data[0]     [W, slab_rows, row_bytes]  DISPATCH receive slabs, one per source rank
-    data[1]     [W, slab_rows, row_bytes]  RETURN receive slabs, one per source rank
+    header      8 int64        MAGIC, VERSION, W, E_local, slab_rows, row_bytes, weight_bytes, slab_records
+    signals[0]  [W, E_local]   int64  DISPATCH signal of records packet (src, e): written by rank src only
+    signals[1]  [W]            int64  RETURN signal of the partial sums from src: written by rank src only
+    data[0]     [W, slab_rows, row_bytes]  DISPATCH row slabs, one per source rank: row t = the source's token t
+    data[1]     [W, slab_rows, row_bytes]  RETURN row slabs, one per expert rank: row t = its partial sum of
+                                           this rank's token t
+    records     [W] record slabs, DISPATCH: a weights column [slab_records, weight_bytes], then a codes column
+                [slab_records] int32, each 128-byte aligned
 
-Two regions, one per direction of an exchange:
-- DISPATCH: token rows travelling to the rank that owns their expert (forward), and gradients of the
-  expert outputs travelling the same way (backward). `e` is the receiver's local expert.
-- RETURN: expert outputs travelling back to the token's rank (forward), and gradients of the dispatched
-  rows (backward). `e` is the sender's local expert.
-A launch uses DISPATCH then RETURN, which is what makes reuse safe without a reset: a rank writes its
-next packet into a slab only after it has received the reply to its previous one, and the reply is sent
-only after the receiver copied the previous packet out (the TokenLayout exchanges rely on the same order).
+A forward (the fused kernel, kernels/fused_moe.py):
+- DISPATCH: source s stores its token t's row into row t of its slab at every rank that owns one of t's kept
+  experts, once per (token, rank) whatever the number of those experts; and a record per kept assignment
+  (routing weight, code = t * top_k + slot) into its record slab there, records sorted by the receiver's local
+  expert (token order within one), packet e (expert e's records) starting at record sum(count[e'] for e' < e).
+  Rows are sparse in the slab (only routed tokens' rows are written and cross the wire); records are dense.
+- RETURN: the expert's rank sums each received token's expert outputs (weighted, in fp32/fp64, slot order) and
+  stores the sum, in the layer dtype, into row t of its slab at the token's rank; one signal per pair when all
+  of them are there.
+Only those bytes cross the wire: rows, records and signal words.
 
-A packet (src -> dst, local expert e) is `count` rows of row_bytes each. Within the source's slab at
-the receiver, packets lie in expert order with no gaps: packet e starts at row sum(count[e'] for e' < e).
-Only those rows cross the wire (no padding to slab_rows or to a capacity).
+Reuse without a reset: a rank writes its next launch's rows into a slab only after it has received the
+reply to its previous one, and the reply is sent only after the receiver has read the previous rows and records
+(the TokenLayout exchanges rely on the same order).
 
-A signal word is `(seq << 32) | count`, stored with release semantics after the packet's rows, and read
-with acquire semantics before them. `seq` is the sender's launch number for that region (1, 2, ...,
-kept in header seq[region] of the sender's own segment); every packet of a launch is signalled, empty
-ones with count 0, so the receiver knows each (src, e) slot is complete. A receiver waits for
-`word >> 32 == seq`: there is no reset between launches, and a replay (CUDA graph) only needs the
-sequence words to advance. `seq` stays below 2^31.
+A signal word is `(seq << 32) | count` (count: DISPATCH records of the packet; RETURN partial-sum rows),
+stored with release semantics after the bytes it publishes, and read with acquire semantics before them. `seq`
+is the sender's launch number (1, 2, ...); every packet of a launch is signalled, empty ones with count 0, so
+the receiver knows each slot is complete. A receiver waits for `word >> 32 == seq`: there is no reset between
+launches, and a replay (CUDA graph) only needs the sequence words to advance. `seq` stays below 2^31.
 
-Sizing: a rank may pass at most `max_tokens_per_rank` tokens, each with top_k assignments, so one source
-sends a receiver at most `max_tokens_per_rank * top_k` rows: that is `slab_rows` (a router never picks an
-expert twice, but caller-supplied routing may). More tokens is an error before anything is written, and
-every packet is checked against the slab (never an out-of-bounds put).
+Sizing: a rank may pass at most `max_tokens_per_rank` tokens, so a source writes at most that many rows into
+one slab (`slab_rows`), with at most top_k records each (`slab_records`; a router never picks an expert twice,
+but caller-supplied routing may). More tokens is an error before anything is written, and every packet count
+is checked against the record slab (never an out-of-bounds access).
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAGIC = 0x464D4F45  # "FMOE"
-VERSION = 1
+VERSION = 2  # 2: one row per (token, rank) with routing records (1: one row per (token, expert))
 HEADER_WORDS = 8
 SIGNAL_BYTES = 8
 ALIGN = 128
@@ -68,7 +74,7 @@ CODE_BYTES = 4  # TokenLayout routing records: an int32 code each
 LAST_OF_ROW = 1  # TokenLayout routing records: bit 0 of a record's int32 code marks its row's last record
 
 # Header word indices.
-H_MAGIC, H_VERSION, H_WORLD, H_LOCAL_EXPERTS, H_SLAB_ROWS, H_ROW_BYTES, H_SEQ0 = range(7)
+H_MAGIC, H_VERSION, H_WORLD, H_LOCAL_EXPERTS, H_SLAB_ROWS, H_ROW_BYTES, H_WEIGHT_BYTES, H_SLAB_RECORDS = range(8)
 
 
 def _align(n: int) -> int:
@@ -77,45 +83,57 @@ def _align(n: int) -> int:
 
 @dataclass(frozen=True)
 class HeapLayout:
-    """Offsets of DESIGN §5's symmetric heap; see the module docstring for the picture."""
+    """Offsets of the fused kernel's symmetric heap; see the module docstring for the picture."""
 
     world_size: int
     num_local_experts: int
-    slab_rows: int  # rows one source may put into one region of one receiver
+    slab_rows: int  # rows one source may put into one region of one receiver: max_tokens_per_rank
     row_bytes: int  # hidden_size * itemsize of the exchanged dtype
+    weight_bytes: int = 4  # bytes of a routing weight in a record: 4 (fp32) or 8 (fp64 layers)
+    slab_records: int = 1  # records one source may put into one receiver: max_tokens_per_rank * top_k
 
     @classmethod
     def for_layer(cls, world_size: int, num_local_experts: int, top_k: int, max_tokens_per_rank: int,
                   hidden_size: int, itemsize: int) -> HeapLayout:
-        return cls(world_size, num_local_experts, max_tokens_per_rank * top_k, hidden_size * itemsize)
+        """itemsize: bytes of the layer dtype (fp64 layers carry fp64 routing weights, the others fp32)."""
+        return cls(world_size, num_local_experts, max_tokens_per_rank, hidden_size * itemsize,
+                   8 if itemsize == 8 else 4, max(1, max_tokens_per_rank * top_k))
 
-    @property
-    def signals_bytes(self) -> int:
-        return _align(self.world_size * self.num_local_experts * SIGNAL_BYTES)
+    def _signals_bytes(self, region: int) -> int:
+        return _align(self.world_size * (self.num_local_experts if region == DISPATCH else 1) * SIGNAL_BYTES)
 
     @property
     def slab_bytes(self) -> int:
         return _align(self.slab_rows * self.row_bytes)
 
-    def seq_offset(self, region: int) -> int:
-        return (H_SEQ0 + region) * 8
+    @property
+    def record_slab_bytes(self) -> int:
+        return _align(self.slab_records * self.weight_bytes) + _align(self.slab_records * CODE_BYTES)
 
     def signal_offset(self, region: int, src: int, expert: int = 0) -> int:
-        """Byte offset of the signal word of packet (src, expert) in `region`."""
-        return _align(HEADER_WORDS * 8) + region * self.signals_bytes + \
-            (src * self.num_local_experts + expert) * SIGNAL_BYTES
+        """Byte offset of the signal word of packet (src, expert) (DISPATCH) or of src's partial sums (RETURN)."""
+        base = _align(HEADER_WORDS * 8)
+        if region == DISPATCH:
+            return base + (src * self.num_local_experts + expert) * SIGNAL_BYTES
+        return base + self._signals_bytes(DISPATCH) + src * SIGNAL_BYTES
 
     def data_offset(self, region: int, src: int) -> int:
-        """Byte offset of the receive slab of rank `src` in `region`."""
-        base = _align(HEADER_WORDS * 8) + 2 * self.signals_bytes
+        """Byte offset of the row slab of rank `src` in `region`."""
+        base = _align(HEADER_WORDS * 8) + self._signals_bytes(DISPATCH) + self._signals_bytes(RETURN)
         return base + (region * self.world_size + src) * self.slab_bytes
+
+    def record_offset(self, src: int, column: int = 0) -> int:
+        """Byte offset of column `column` (0: weights, 1: codes) of the DISPATCH record slab of rank `src`."""
+        base = self.data_offset(1, self.world_size - 1) + self.slab_bytes
+        return base + src * self.record_slab_bytes + (_align(self.slab_records * self.weight_bytes) if column else 0)
 
     @property
     def size(self) -> int:
-        return self.data_offset(1, self.world_size - 1) + self.slab_bytes
+        return self.record_offset(self.world_size - 1, 0) + self.record_slab_bytes
 
     def header(self) -> list[int]:
-        return [MAGIC, VERSION, self.world_size, self.num_local_experts, self.slab_rows, self.row_bytes, 0, 0]
+        return [MAGIC, VERSION, self.world_size, self.num_local_experts, self.slab_rows, self.row_bytes,
+                self.weight_bytes, self.slab_records]
 
 
 TOKEN_MAGIC = 0x464D5452  # "FMTR": token-rank rows

@@ -24,8 +24,8 @@ Invariants, as DESIGN §5 numbers them:
 4. no host sync on GPUs: NOT met by this host-driven protocol, which reads the counts on the host to size
    its copies (free on CPU heaps, one sync per exchange on the nvshmem heap). device_exchange.py runs the same
    exchanges from device kernels on the same heap, counts on the device (the `triton` backend and the fused
-   backend's backward over shm and nvshmem use it), and the fused kernel of DESIGN §6 puts its rows and signals
-   from the device into its own per-expert HeapLayout.
+   backend's backward over shm and nvshmem use it), and the fused kernel of DESIGN §6 puts its rows, records and
+   signals from the device into its own HeapLayout (one row per (token, rank) too).
 5. every wait has a deadline; `ExchangeTimeout` names the rank, the peer and the slot (the peer's packet).
 6. packets are checked against the slab size before anything is written (`HeapOverflow`), and counts read
    from signal words are checked again before rows are read.
