@@ -37,21 +37,26 @@ from tests.helpers import random_params
 
 
 def test_layout_blocks_are_aligned_disjoint_and_fit():
+    # the fused kernel's HeapLayout: a row per (token, rank), top_k records per row at most
     lay = HeapLayout.for_layer(world_size=3, num_local_experts=5, top_k=2, max_tokens_per_rank=7, hidden_size=6,
                                itemsize=2)
-    assert lay.slab_rows == 14 and lay.row_bytes == 12
-    blocks = []  # (start, end) of every signal array and data slab
-    for region in (DISPATCH, RETURN):
-        blocks.append((lay.signal_offset(region, 0), lay.signal_offset(region, 2, 4) + SIGNAL_BYTES))
-        for src in range(3):
+    assert (lay.slab_rows, lay.row_bytes, lay.weight_bytes, lay.slab_records) == (7, 12, 4, 14)
+    blocks = [(lay.signal_offset(DISPATCH, 0), lay.signal_offset(DISPATCH, 2, 4) + SIGNAL_BYTES),
+              (lay.signal_offset(RETURN, 0), lay.signal_offset(RETURN, 2) + SIGNAL_BYTES)]
+    for src in range(3):
+        for region in (DISPATCH, RETURN):
             blocks.append((lay.data_offset(region, src), lay.data_offset(region, src) + lay.slab_rows * lay.row_bytes))
+        blocks.append((lay.record_offset(src, 0), lay.record_offset(src, 0) + lay.slab_records * lay.weight_bytes))
+        blocks.append((lay.record_offset(src, 1), lay.record_offset(src, 1) + lay.slab_records * 4))
     assert all(start % ALIGN == 0 for start, _ in blocks)
     blocks.sort()
     assert blocks[0][0] >= 8 * 8, "the header is overwritten"
     assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(blocks, blocks[1:])), blocks
     assert blocks[-1][1] <= lay.size
-    words = {lay.signal_offset(r, s, e) for r in (0, 1) for s in range(3) for e in range(5)}
-    assert len(words) == 30, "two packets share a signal word"
+    words = {lay.signal_offset(DISPATCH, s, e) for s in range(3) for e in range(5)} | \
+        {lay.signal_offset(RETURN, s) for s in range(3)}
+    assert len(words) == 18, "two packets share a signal word"
+    assert HeapLayout.for_layer(3, 5, 2, 7, 6, 8).weight_bytes == 8  # fp64 layers carry fp64 weights
 
 
 def test_token_layout_blocks_are_aligned_disjoint_and_fit():
