@@ -209,21 +209,20 @@ class FusedState:
         start = self.data[1]
         self.heap_rows[start:start + self.world * self.slab_elems].fill_(float("nan"))
 
-    def h_buffer(self, rows: int) -> torch.Tensor:
-        inner = self.cfg.ffn_hidden_size
+    def _rows_buffer(self, attr: str, rows: int, width: int) -> torch.Tensor:
+        """[rows, width] in the layer dtype: new per call at W = 1 (h may be saved for backward), else the state's
+        own [max_rows, width], kept between calls (`attr` names it)."""
         if self.world == 1:
-            return torch.empty(rows, inner, dtype=self.dtype, device=self.device)
-        if self._h is None:
-            self._h = torch.empty(self.max_rows, inner, dtype=self.dtype, device=self.device)
-        return self._h
+            return torch.empty(rows, width, dtype=self.dtype, device=self.device)
+        if getattr(self, attr) is None:
+            setattr(self, attr, torch.empty(self.max_rows, width, dtype=self.dtype, device=self.device))
+        return getattr(self, attr)
+
+    def h_buffer(self, rows: int) -> torch.Tensor:
+        return self._rows_buffer("_h", rows, self.cfg.ffn_hidden_size)
 
     def y_buffer(self, rows: int) -> torch.Tensor:
-        hidden = self.cfg.hidden_size
-        if self.world == 1:
-            return torch.empty(rows, hidden, dtype=self.dtype, device=self.device)
-        if self._y is None:
-            self._y = torch.empty(self.max_rows, hidden, dtype=self.dtype, device=self.device)
-        return self._y
+        return self._rows_buffer("_y", rows, self.cfg.hidden_size)
 
     def check(self) -> None:
         """Raise the error of an earlier launch that gave up waiting (GPU: seen from the next call, no sync)."""
