@@ -199,8 +199,7 @@ class FusedState:
         self._h = None  # W > 1: the h buffer [max_rows, I], kept (h is not saved for backward there)
         self._y = None  # the expert outputs [max_rows, H] (W = 1: [T * k, H] per call)
         # (seq << 32 | record) per received (source, token, slot); entries of an earlier launch carry an older seq
-        self.posmap = torch.zeros(max(1, world * layout.slab_rows * k) if world > 1 else 1, dtype=torch.int64,
-                                  device=alloc)
+        self.posmap = torch.zeros(world * layout.slab_rows * k if world > 1 else 1, dtype=torch.int64, device=alloc)
 
     def poison_results(self) -> None:
         """FLASHMOE_DEBUG_POISON: NaN into this rank's RETURN slabs before a launch, so a result row the combine
@@ -210,8 +209,8 @@ class FusedState:
         self.heap_rows[start:start + self.world * self.slab_elems].fill_(float("nan"))
 
     def _rows_buffer(self, attr: str, rows: int, width: int) -> torch.Tensor:
-        """[rows, width] in the layer dtype: new per call at W = 1 (h may be saved for backward), else the state's
-        own [max_rows, width], kept between calls (`attr` names it)."""
+        """[rows, width] in the layer dtype: new per call at W = 1 (rows = this call's T * k), else the state's own
+        [max_rows, width] (the received rows are counted on the device), kept between calls (`attr` names it)."""
         if self.world == 1:
             return torch.empty(rows, width, dtype=self.dtype, device=self.device)
         if getattr(self, attr) is None:

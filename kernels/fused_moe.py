@@ -139,19 +139,6 @@ def row_start(slab, row, H):
 
 
 @triton.jit
-def _copy_rows(dst_ptr, src_ptr, n_rows, H, BR: tl.constexpr, BH: tl.constexpr):
-    """n_rows rows of H elements (row stride H) from src_ptr to dst_ptr."""
-    r = tl.arange(0, BR)
-    c = tl.arange(0, BH)
-    for r0 in range(0, n_rows, BR):
-        rows = r0 + r
-        for c0 in range(0, H, BH):
-            m = (rows < n_rows)[:, None] & ((c0 + c) < H)[None, :]
-            off = rows.to(tl.int64)[:, None] * H + (c0 + c)[None, :]
-            tl.store(dst_ptr + off, tl.load(src_ptr + off, mask=m), mask=m)
-
-
-@triton.jit
 def _signal_remote(heap_words, words_delta_ptr, heap_addr, dst, idx, word, PUTS: tl.constexpr):
     """Release-store `word` into word idx of rank dst's segment (a peer)."""
     if PUTS == "nvshmem":
@@ -737,18 +724,14 @@ def _combine_task(c, sync_ptr, status_addr, out_ptr, ids_ptr, wts_ptr, slot_ptr,
     for c0 in range(0, H, BH):
         cols = c0 + cc
         mask = row_ok[:, None] & (cols < H)[None, :]
-        if W == 1:
-            acc = _own_part(y_ptr, yrow, wts, kept, kx, cols, mask, H, TOPK, BTC, BH, acc_ty)
-        else:
-            acc = tl.zeros((BTC, BH), acc_ty)
-            for r in range(W):
-                if r == me:
-                    acc += _own_part(y_ptr, yrow, wts, kept & (owner == me), kx, cols, mask, H, TOPK, BTC, BH, acc_ty)
-                else:
-                    hit = tl.sum(tl.where(kept & (owner == r), 1, 0), 1) > 0
-                    at = row_start(slab_start(data1, me * 0 + r, slab_elems), rows, H)  # r: a Python int interpreted
-                    acc += tl.load(heap_rows + at[:, None] + cols[None, :], mask=mask & hit[:, None],
-                                   other=0.0).to(acc_ty)
+        acc = tl.zeros((BTC, BH), acc_ty)
+        for r in range(W):
+            if r == me:
+                acc += _own_part(y_ptr, yrow, wts, kept & (owner == me), kx, cols, mask, H, TOPK, BTC, BH, acc_ty)
+            else:
+                hit = tl.sum(tl.where(kept & (owner == r), 1, 0), 1) > 0
+                at = row_start(slab_start(data1, me * 0 + r, slab_elems), rows, H)  # r: a Python int interpreted
+                acc += tl.load(heap_rows + at[:, None] + cols[None, :], mask=mask & hit[:, None], other=0.0).to(acc_ty)
         if HAS_ADDEND:
             acc += tl.load(addend_ptr + rows[:, None] * H + cols[None, :], mask=mask, other=0.0).to(acc_ty)
         tl.store(out_ptr + rows[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -806,12 +789,15 @@ def fused_moe_kernel(
     epoch = tl.load(sync_ptr + _EPOCH)
     seq = (epoch + 1).to(tl.int64)
     half = sync_ptr + _HALF0 + (epoch % 2) * HALF
+    other = sync_ptr + _HALF0 + ((epoch + 1) % 2) * HALF
+    nb0 = tl.cdiv(INNER, BN0)  # column tiles per row tile, up projection
+    nb1 = tl.cdiv(H, BN1)  # and down projection
+    ng0 = tl.cdiv(nb0, TN0)  # tasks per row tile: TN0 (TN1) column tiles each, so a decode serves several
+    ng1 = tl.cdiv(nb1, TN1)
     n_tasks = epoch * 0  # tasks this program claimed (stats.tasks_per_program)
     clock = claims_ptr + tl.program_id(0)  # this program's clock word (_spent) until n_tasks is stored there
 
-    # Values used in several phases are formed in each (a value live across the GEMM phases costs registers there).
     if (PHASE == _ALL) or (PHASE == _ROUTE):
-        other = sync_ptr + _HALF0 + ((epoch + 1) % 2) * HALF
         zb = tl.arange(0, 128)
         chunk = tl.cdiv(HALF, NB)
         t = tl.atomic_add(half + _CLAIM + 0, 1)
@@ -881,8 +867,6 @@ def fused_moe_kernel(
                 t = tl.atomic_add(half + _ROW_CLAIM, 1)
 
     if (PHASE == _ALL) or (PHASE == _GEMM0):
-        nb0 = tl.cdiv(INNER, BN0)  # column tiles per row tile, up projection
-        ng0 = tl.cdiv(nb0, TN0)  # tasks per row tile: TN0 (TN1) column tiles each, so a decode serves several
         c = tl.atomic_add(half + _CLAIM + 2, 1)
         go = c >= 0
         while go:
@@ -912,9 +896,6 @@ def fused_moe_kernel(
                 c = tl.atomic_add(half + _CLAIM + 2, 1)
 
     if (PHASE == _ALL) or (PHASE == _GEMM1):
-        nb0 = tl.cdiv(INNER, BN0)
-        nb1 = tl.cdiv(H, BN1)  # column tiles per row tile, down projection
-        ng1 = tl.cdiv(nb1, TN1)
         c = tl.atomic_add(half + _CLAIM + 3, 1)
         go = c >= 0
         while go:
@@ -936,7 +917,6 @@ def fused_moe_kernel(
 
     if W > 1:
         if (PHASE == _ALL) or (PHASE == _REDUCE):
-            nb1 = tl.cdiv(H, BN1)
             c = tl.atomic_add(half + _REDUCE_CLAIM, 1)
             while c < (W - 1) * NR:
                 n_tasks += 1

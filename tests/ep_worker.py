@@ -360,13 +360,25 @@ def _expected_bytes(ctx: Ctx, cfg, owners: list, itemsize: int) -> tuple[int, di
                   "remote_pairs": pairs_total}
 
 
+def _fused_bytes(ctx: Ctx, cfg, ids: list, itemsize: int, unfused: int) -> int:
+    """What the fused kernel's rank puts (tests.helpers.fused_wire_bytes, from every rank's ids), checked to be the
+    unfused protocol's `unfused` bytes plus its extra signal words alone: one per (peer, local expert) record packet
+    out and one per peer back, where the unfused protocol has one per peer each way (the same rows and records)."""
+    w, el = ctx.world, ctx.el(cfg)
+    fused = fused_wire_bytes(ids, el, ctx.rank, cfg.hidden_size, itemsize)
+    extra = ((w - 1) * (el + 1) - 2 * (w - 1)) * SIGNAL_BYTES
+    assert fused == unfused + extra, f"fused bytes {fused} != unfused {unfused} + {extra} of signal words"
+    return fused
+
+
 @scenario
 def bytes_exact_k3_h128_fp32(ctx: Ctx):
     # bytes_sent is exact: at W=4 (and 2), k=3, H=128 the one-sided transports put the least possible (one row out
     # and one back per (token, remote rank), a weight and an expert id per remote assignment) plus two signal words
     # per peer; alltoall one row per (token, expert) plus its count words. Two runs give the same bits, forward and
     # backward.
-    # The triton backend too on the one-sided transports (device-initiated exchanges over shm, host-driven over mpi).
+    # The triton backend too on the one-sided transports (device-initiated exchanges over shm, host-driven over mpi),
+    # and the fused kernel over shm (its own signal words: _fused_bytes).
     cfg = fm.MoEConfig(hidden_size=128, ffn_hidden_size=FFN, num_experts=E, top_k=3)
     params, xs, gs = _data(ctx, cfg, torch.float32, [9, 4, 11, 6], 6)
     el = ctx.el(cfg)
@@ -375,14 +387,12 @@ def bytes_exact_k3_h128_fp32(ctx: Ctx):
     rows = _pairs(owners, ctx.world)[ctx.rank].sum(0) if ctx.transport in ONE_SIDED else \
         torch.bincount(owners[ctx.rank].reshape(-1), minlength=ctx.world)
     found = {}
-    w, el = ctx.world, ctx.el(cfg)
     for backend in ("reference", "triton") + (("fused",) if ctx.transport == "shm" else ()) \
             if ctx.transport in ONE_SIDED else ("reference",):
         want, want_total = expect, info["wire_total"]
-        if backend == "fused":  # the same rows and records; its signal words: one per (peer, local expert) out and
-            # one per peer back (tests.helpers.fused_wire_bytes)
-            want += ((w - 1) * (el + 1) - 2 * (w - 1)) * SIGNAL_BYTES
-            want_total += w * ((w - 1) * (el + 1) - 2 * (w - 1)) * SIGNAL_BYTES
+        if backend == "fused":
+            want = _fused_bytes(ctx, cfg, [o * el for o in owners], 4, expect)  # (only ids // el counts there)
+            want_total += ctx.world * (want - expect)  # every rank has the same extra signal words
         layer = _layer(ctx, cfg, torch.float32, params, backend=backend, max_tokens_per_rank=16)
         runs = []
         for _ in range(2):
@@ -419,9 +429,8 @@ def all_k_on_one_remote_rank_fp64(ctx: Ctx):
     for backend in ("reference", "triton") + (("fused",) if ctx.transport == "shm" else ()):
         got = _check(ctx, cfg, torch.float64, params, xs, gs, routing=(ids, weights), ep=ep, backend=backend)
         expect, acc = _expected_bytes(ctx, cfg, [i // el for i in ids], 8)
-        if backend == "fused":  # its signal words: one per (peer, local expert) out, one per peer back
-            expect += ((w - 1) * (el + 1) - 2 * (w - 1)) * SIGNAL_BYTES
-            assert expect == fused_wire_bytes(ids, el, ctx.rank, cfg.hidden_size, 8), "two formulas disagree"
+        if backend == "fused":
+            expect = _fused_bytes(ctx, cfg, ids, 8, expect)
         assert got["bytes_sent"] == expect, f"{backend}: bytes_sent {got['bytes_sent']} != exact {expect} ({acc})"
         t = xs[ctx.rank].shape[0]
         rows = [0] * w
